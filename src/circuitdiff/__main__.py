@@ -1,0 +1,5 @@
+import sys
+
+from circuitdiff.cli import main
+
+sys.exit(main())
