@@ -25,8 +25,17 @@ import threading
 from dataclasses import dataclass
 
 REL_TOL = 1e-4
+GRADER_VERSION = "1"  # bump when a change here can change a grade: a run re-grades its rows
 Z_95 = 1.959963984540054
 KINDS = ("numeric", "math")
+GRADING_CONVENTIONS = {
+    "extraction": "last \\boxed{} (or \\fbox{}), else text after the last 'the answer is', else the last number",
+    "numeric": f"both sides read as numbers (thousands commas, $, %, units, fractions dropped/parsed); "
+               f"equal within relative tolerance {REL_TOL}",
+    "math": "numbers as above, else normalised string equality, else math-verify verify(gold, prediction)",
+    "accuracy_interval": "Wilson score interval, 95%",
+    "grader_version": GRADER_VERSION,
+}
 
 # ---------------------------------------------------------------- extraction
 

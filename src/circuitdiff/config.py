@@ -1,0 +1,171 @@
+"""The `circuitdiff run` configuration: a YAML file validated by pydantic.
+
+A config names a model pair, datasets and the settings of every stage; presets for the
+paper's four pairs (and a CPU smoke test) ship in ``circuitdiff/configs/*.yaml`` and can be
+named instead of a path (``circuitdiff run deepseek-math-grpo``).
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from circuitdiff.errors import UserError
+from circuitdiff.prompts import INSTRUCTION, PRESETS
+from circuitdiff.rundir import dataset_key
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _check_prompt(value: str) -> str:
+    if value not in PRESETS:
+        raise ValueError(f"unknown prompt preset {value!r}; use one of {', '.join(PRESETS)}")
+    return value
+
+
+PromptName = Annotated[str, AfterValidator(_check_prompt)]
+
+
+class ModelConfig(_Strict):
+    """One model of the pair; a plain string is read as `spec`."""
+
+    spec: str = Field(description="hub id (org/name[@revision]), local dir, .gguf file, LoRA dir or alias")
+    prompt: PromptName | None = Field(None, description="prompt preset for this model (default: the run's `prompt`)")
+    trust_remote_code: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value):
+        return {"spec": value} if isinstance(value, str) else value
+
+
+class DatasetConfig(_Strict):
+    """One dataset; a plain string is read as `name`."""
+
+    name: str
+    split: str = "test"
+    source: str | None = Field(None, description="None: offline files; a path; 'hub' or 'hub:org/name[:config]'")
+    limit: int | None = Field(None, gt=0, description="keep the first `limit` questions (file order)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value):
+        return {"name": value} if isinstance(value, str) else value
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        from circuitdiff.data import dataset_spec
+
+        try:
+            return dataset_spec(value).name
+        except UserError as err:
+            raise ValueError(str(err)) from None
+
+    @property
+    def key(self) -> str:
+        return dataset_key(self.name, self.split)
+
+
+class SelectionConfig(_Strict):
+    beta: float = Field(0.5, ge=0)
+    gamma: float = Field(1.5, gt=0)
+    delta: float = Field(0.5, gt=0)
+    length_rule: Literal["paper", "authors"] = "paper"
+    cut_rule: Literal["paper", "authors"] = "paper"
+
+
+class RunConfig(_Strict):
+    name: str = "run"
+    out: str | None = Field(None, description="run directory (default: runs/<name>); --out overrides it")
+    base: ModelConfig
+    tuned: ModelConfig
+    datasets: list[DatasetConfig] = Field(min_length=1)
+    alphas: list[float] = Field(default_factory=lambda: [0.03, 0.1, 0.3, 0.5], min_length=1)
+    n_samples: int = Field(100, gt=0, description="N: questions drawn per dataset and alpha")
+    seed: int = 0
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    granularity: Literal["block", "qkv", "head"] = "block"
+    dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"
+    device: str = "cpu"
+    attn_implementation: str = "sdpa"
+    backend: Literal["hf", "vllm"] = "hf"
+    prompt: PromptName = "chat"
+    instruction: str = INSTRUCTION
+    max_new_tokens: int = Field(512, gt=0)
+    gen_batch_size: int = Field(16, gt=0)
+    attr_batch_size: int = Field(1, gt=0)
+    gradient_checkpointing: bool = False
+
+    @field_validator("alphas")
+    @classmethod
+    def _alphas(cls, value: list[float]) -> list[float]:
+        for alpha in value:
+            if not 0 < alpha <= 1:
+                raise ValueError(f"alpha {alpha} must lie in (0, 1]")
+        if len(set(value)) != len(value):
+            raise ValueError("alphas repeat a value")
+        return value
+
+    @field_validator("datasets")
+    @classmethod
+    def _unique(cls, value: list[DatasetConfig]) -> list[DatasetConfig]:
+        keys = [d.key for d in value]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"datasets repeat a name/split ({', '.join(keys)}); list each once")
+        return value
+
+    def prompt_for(self, role: str) -> str:
+        return getattr(self, role).prompt or self.prompt
+
+
+# ---------------------------------------------------------------- loading
+
+def presets_dir() -> Path:
+    return Path(str(resources.files("circuitdiff") / "configs"))
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in presets_dir().glob("*.yaml"))
+
+
+def resolve_config(arg: str) -> Path:
+    """A config path, or the shipped preset of that name."""
+    path = Path(arg).expanduser()
+    if path.is_file():
+        return path
+    preset = presets_dir() / f"{arg}.yaml"
+    if preset.is_file():
+        return preset
+    raise UserError(f"config {arg!r} is neither a file nor a preset; presets: {', '.join(preset_names())}")
+
+
+def _describe(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{where}: {first['msg']}{more}"
+
+
+def parse_config(data: dict, origin: str = "config") -> RunConfig:
+    if not isinstance(data, dict):
+        raise UserError(f"{origin}: expected a YAML mapping of settings at the top level")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise UserError(f"{origin}: {_describe(err)}; fix that field") from None
+
+
+def load_config(arg: str) -> RunConfig:
+    path = resolve_config(arg)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    return parse_config(data, str(path))
