@@ -123,6 +123,11 @@ def test_hub_source_uses_hub_split_names(monkeypatch):
                         lambda r, c, split: calls.append((r, c, split)) or [{"question": "q", "answer": "#### 3"}])
     assert load_problems("gsm8k", source="hub:someone/gsm:cfg")[0].gold == "3"
     assert calls[-1] == ("someone/gsm", "cfg", "test")
+    # MATH on the hub is split by subject: the default source concatenates its configs
+    monkeypatch.setattr(datasets, "load_dataset", lambda r, c, split: calls.append((r, c, split)) or
+                        [{"problem": f"{c}?", "solution": "so \\boxed{1}"}])
+    math = load_problems("math", source="hub")
+    assert len(math) == 7 and math[0].question == "algebra?" and math[0].gold == "1"
 
 
 def test_college_math_env_override(tmp_path, monkeypatch):

@@ -258,3 +258,14 @@ def test_alpha_tag():
     assert rundir.alpha_tag(0.1) == "alpha=0.1" and rundir.alpha_tag(0.03) == "alpha=0.03"
     assert rundir.selection(Path("r"), "gsm8k", 0.5) == Path("r/selection/gsm8k/alpha=0.5.json")
     assert rundir.attribution(Path("r"), "base", "math", 0.1) == Path("r/attribution/base/math/alpha=0.1.npz")
+
+
+def test_vllm_backend_without_vllm_is_a_clear_error(pair, world, tmp_path):
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("vllm is installed: the import guard is not exercised")
+    with pytest.raises(UserError, match="pip install vllm"):
+        Runner(make_config(pair, world["data"], backend="vllm"), tmp_path / "v", progress=False, log=print)()

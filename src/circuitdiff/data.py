@@ -56,6 +56,7 @@ class DatasetSpec:
     splits: tuple[str, ...] = ("test",)
     hub_id: str | None = None  # "org/name" or "org/name:config", for source="hub"
     hub_split: dict[str, str] = field(default_factory=dict)  # our split -> the hub's split name
+    hub_configs: tuple[str, ...] = ()  # default hub configs to concatenate (in this order)
     description: str = ""
 
 
@@ -135,6 +136,8 @@ DATASETS: dict[str, DatasetSpec] = {
         DatasetSpec("gsm8k", _gsm8k, "gsm8k", ("test", "train"), "openai/gsm8k:main",
                     description="GSM8K grade-school math (test 1319, train 7473)"),
         DatasetSpec("math", _math, "math", ("test", "train"), "EleutherAI/hendrycks_math",
+                    hub_configs=("algebra", "counting_and_probability", "geometry", "intermediate_algebra",
+                                 "number_theory", "prealgebra", "precalculus"),
                     description="MATH competition problems (test 5000, train 7500)"),
         DatasetSpec("math500", _math, "math_oai", ("test",), "HuggingFaceH4/MATH-500",
                     description="MATH-500, the common subset of MATH test (500)"),
@@ -220,12 +223,16 @@ def _hub_rows(spec: DatasetSpec, source: str, split: str) -> list[dict]:
         import datasets
     except ImportError:
         raise UserError("loading from the hub needs the package datasets: pip install datasets") from None
-    try:
-        data = datasets.load_dataset(repo_id, config or None, split=spec.hub_split.get(split, split))
-    except Exception as err:  # network, missing config/split: one line
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UserError(f"could not load {repo_id!r} from the hub ({first}); check the id, config and split") from None
-    return list(data)
+    configs = [config] if config else list(spec.hub_configs if target == spec.hub_id else ()) or [None]
+    rows: list[dict] = []
+    for name in configs:
+        try:
+            data = datasets.load_dataset(repo_id, name, split=spec.hub_split.get(split, split))
+        except Exception as err:  # network, missing config/split: one line
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise UserError(f"could not load {repo_id!r} from the hub ({first}); check the id, config and split") from None
+        rows.extend(data)
+    return rows
 
 
 def dataset_spec(name: str) -> DatasetSpec:

@@ -209,7 +209,7 @@ class Runner:
                 write_jsonl(path, existing + [base_rows[p.idx] for p in pending])
                 self.log(f"generate tuned {ds.key}: same model and settings as base; copied {len(pending)} answers")
                 return
-        loaded = self.models.get(role)
+        loaded = self.models.get(role) if self.config.backend == "hf" else _tokenizer_only(getattr(self.config, role))
         preset = self.config.prompt_for(role)
         prompts = [encode(p.question, loaded.tokenizer, preset, self.config.instruction) for p in problems]
         self._update_manifest("prompt_example", role, value=render(problems[0].question, preset, loaded.tokenizer,
@@ -231,7 +231,7 @@ class Runner:
 
     def _backend(self, role: str, loaded):
         if self.config.backend == "vllm":
-            eos = eos_token_ids(loaded.model, loaded.tokenizer)
+            eos = eos_token_ids(loaded.model, loaded.tokenizer)  # loaded.model: a stand-in holding generation_config
             return VLLMBackend(getattr(self.config, role).spec, self.config.dtype, self.config.max_new_tokens, eos)
         return HFBackend(loaded.model, loaded.tokenizer, self.config.max_new_tokens)
 
@@ -349,6 +349,27 @@ def run(config: RunConfig | str, run_dir: str | Path | None = None, until: str =
         config = load_config(config)
     run_dir = Path(run_dir or config.out or Path("runs") / config.name)
     return Runner(config, run_dir, progress=progress, log=log)(until)
+
+
+def _tokenizer_only(model_cfg):
+    """The tokenizer (and generation config) of a model, without its weights: for the vLLM backend."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from circuitdiff.models import LoadedModel
+    from circuitdiff.models.loading import _materialise
+
+    local, info = _materialise(model_cfg.spec)
+    path, _, revision = (str(local), "", "") if local is not None else model_cfg.spec.partition("@")
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision or None,
+                                              trust_remote_code=model_cfg.trust_remote_code)
+    try:
+        generation_config = GenerationConfig.from_pretrained(path, revision=revision or None)
+    except OSError:
+        generation_config = None
+    return LoadedModel(model=SimpleNamespace(generation_config=generation_config), tokenizer=tokenizer,
+                       spec=model_cfg.spec, info={**info, "backend": "vllm"})
 
 
 # ---------------------------------------------------------------- manifest helpers
