@@ -1,0 +1,50 @@
+"""The pipeline on the real SmolLM2-135M-Instruct (offline): chat prompt, EOS, grading, selection, attribution."""
+
+import numpy as np
+import pytest
+
+from circuitdiff import rundir
+from circuitdiff.attribute import Attribution
+from circuitdiff.config import parse_config
+from circuitdiff.generate import read_rows
+from circuitdiff.io import read_json
+from circuitdiff.models import load_model
+from circuitdiff.run import Runner
+from pipeline_helpers import write_gsm8k_file
+
+pytestmark = pytest.mark.smollm
+
+QUESTIONS = ["What is 2 plus 3?", "What is 10 minus 4?", "What is 3 times 3?", "What is 7 plus 1?"]
+GOLDS = ["5", "6", "9", "8"]
+
+
+def test_smollm2_self_pair_end_to_end(tmp_path):
+    data = write_gsm8k_file(tmp_path / "easy.jsonl", GOLDS, QUESTIONS)
+    cfg = parse_config({
+        "base": "smollm2-135m-instruct", "tuned": "smollm2-135m-instruct",
+        "datasets": [{"name": "gsm8k", "source": str(data)}], "alphas": [0.1],
+        "max_new_tokens": 48, "gen_batch_size": 4, "attr_batch_size": 2, "instruction": "",
+    })
+    run = tmp_path / "run"
+    log = []
+    Runner(cfg, run, progress=False, log=log.append)()
+    rows = sorted(read_rows(rundir.generations(run, "base", "gsm8k")), key=lambda r: r["idx"])
+    tok = load_model("smollm2-135m-instruct").tokenizer
+    for row in rows:
+        prompt = tok.decode(row["prompt_ids"])
+        assert prompt.startswith("<|im_start|>system") and prompt.endswith("<|im_start|>assistant\n")
+        assert row["question"] in prompt
+        assert tok.eos_token_id not in row["answer_ids"]
+        assert row["answer_text"] == tok.decode(row["answer_ids"], skip_special_tokens=True)
+    assert sum(r["stop"] == "eos" for r in rows) >= 1
+    correct = {r["idx"] for r in rows if r["correct"]}
+    assert correct, f"SmolLM2 solved none of the easy questions: {[r['answer_text'] for r in rows]}"
+    sel = read_json(rundir.selection(run, "gsm8k", 0.1))
+    assert set(sel["idx"]) == correct  # a self-pair keeps every both-correct question
+    for role in rundir.ROLES:
+        W = Attribution.load(rundir.attribution(run, role, "gsm8k", 0.1))
+        assert W.scores.shape == (len(correct), 61, 61)
+        assert np.isfinite(W.scores).all() and np.count_nonzero(W.scores[:, W.edge_mask]) > 0
+        assert not W.scores[:, ~W.edge_mask].any()  # impossible edges stay 0
+    np.testing.assert_array_equal(Attribution.load(rundir.attribution(run, "base", "gsm8k", 0.1)).scores,
+                                  Attribution.load(rundir.attribution(run, "tuned", "gsm8k", 0.1)).scores)
