@@ -14,6 +14,7 @@ from circuitdiff.errors import UserError
 
 COMMAND_MODULES = [
     "circuitdiff.attribute",
+    "circuitdiff.report",
 ]
 
 

@@ -1,0 +1,245 @@
+"""Paired statistics for base vs tuned: bootstrap CIs, sign-flip permutation tests, effect sizes.
+
+Both models answer the same selected questions, so sample k of the base model and
+sample k of the tuned model are a pair. Every procedure keeps the pairs together:
+
+- bootstrap: resample question indices with replacement (the same draw for both
+  models); each metric is recomputed on the resample. A resample is represented by
+  its multiplicity weights w [n] (how often each question was drawn), which lets the
+  pooled metrics be recomputed exactly without copying data (see the statistics below).
+- permutation: under H0 (the two models are exchangeable within a question) the
+  labels of each pair may be swapped; a sign flip s_k = 1 swaps sample k's base and
+  tuned matrices. Exact (all 2^n flips) when 2^n <= n_perm, Monte Carlo otherwise.
+
+A statistic is an object with ``n``, ``resampled(weights [B, n]) -> (base [B], tuned [B])``
+and ``flipped(flips [P, n] bool) -> (base [P], tuned [P])``; ``per_sample`` holds paired
+per-sample values (base [n], tuned [n]) when the metric is their mean, else None.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats as sps
+
+from circuitdiff import metrics as M
+
+
+# ----------------------------------------------------------- resampling
+def bootstrap_indices(n: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """[n_boot, n] question indices drawn with replacement."""
+    return rng.integers(0, n, size=(n_boot, n))
+
+
+def index_weights(idx: np.ndarray, n: int) -> np.ndarray:
+    """[B, n] multiplicities of each question in each resample."""
+    B = idx.shape[0]
+    weights = np.zeros((B, n))
+    np.add.at(weights, (np.repeat(np.arange(B), idx.shape[1]), idx.ravel()), 1.0)
+    return weights
+
+
+def sign_flips(n: int, n_perm: int, rng: np.random.Generator) -> tuple[np.ndarray, bool]:
+    """([P, n] bool swaps, exact): all 2^n flips when that is <= n_perm, else n_perm random ones."""
+    if n <= 30 and 2**n <= n_perm:
+        return np.array(list(itertools.product([False, True], repeat=n)), dtype=bool).reshape(-1, n), True
+    return rng.random((n_perm, n)) < 0.5, False
+
+
+def percentile_ci(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of bootstrap values along axis 0 (nan values ignored)."""
+    tail = (1.0 - level) / 2.0 * 100.0
+    lo, hi = np.nanpercentile(values, [tail, 100.0 - tail], axis=0)
+    return lo, hi
+
+
+def permutation_pvalue(observed: float, null: np.ndarray, exact: bool) -> float:
+    """Two-sided p-value of |observed| against the null distribution of the statistic."""
+    null = np.asarray(null)
+    null = null[np.isfinite(null)]
+    if not np.isfinite(observed) or null.size == 0:
+        return float("nan")
+    tol = 1e-12 * max(abs(observed), 1e-300)
+    hits = int(np.sum(np.abs(null) >= abs(observed) - tol))
+    if exact:
+        return hits / null.size
+    return (hits + 1) / (null.size + 1)
+
+
+def cohen_dz(base: np.ndarray, tuned: np.ndarray) -> float:
+    """Paired standardized mean difference: mean(tuned - base) / sd(tuned - base) (ddof=1)."""
+    d = np.asarray(tuned, dtype=np.float64) - np.asarray(base, dtype=np.float64)
+    if d.size < 2:
+        return float("nan")
+    sd = d.std(ddof=1)
+    if sd == 0:
+        return float("nan") if d.mean() == 0 else math.copysign(math.inf, d.mean())
+    return float(d.mean() / sd)
+
+
+def wilcoxon_pvalue(base: np.ndarray, tuned: np.ndarray) -> float:
+    """Two-sided Wilcoxon signed-rank p-value of the paired differences (scipy defaults); nan if undefined."""
+    d = np.asarray(tuned, dtype=np.float64) - np.asarray(base, dtype=np.float64)
+    d = d[np.isfinite(d)]
+    if d.size < 2 or np.all(d == 0):
+        return float("nan")
+    return float(sps.wilcoxon(d).pvalue)
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (nan entries are left out of the family and stay nan)."""
+    p = np.asarray(pvalues, dtype=np.float64)
+    out = np.full(p.shape, np.nan)
+    ok = np.flatnonzero(np.isfinite(p))
+    m = ok.size
+    running = 0.0
+    for rank, i in enumerate(ok[np.argsort(p[ok], kind="stable")]):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return out.tolist()
+
+
+# ----------------------------------------------------------- statistics
+class MeanStatistic:
+    """A metric that is the mean of per-sample values x_k (intensity, kurtosis)."""
+
+    def __init__(self, base: np.ndarray, tuned: np.ndarray):
+        self.base, self.tuned = np.asarray(base, np.float64), np.asarray(tuned, np.float64)
+        self.n = len(self.base)
+        self.per_sample = (self.base, self.tuned)
+
+    def resampled(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        total = weights.sum(axis=1)
+        return weights @ self.base / total, weights @ self.tuned / total
+
+    def flipped(self, flips: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        S = flips.astype(np.float64)
+        base = (S * self.tuned + (1 - S) * self.base).mean(axis=1)
+        tuned = (S * self.base + (1 - S) * self.tuned).mean(axis=1)
+        return base, tuned
+
+
+class PooledEntropyStatistic:
+    """Information Complexity: entropy of the histogram of all samples pooled.
+
+    Each sample's histogram counts H_k [bins] (same bins for both models) are computed once;
+    a resample's pooled histogram is sum_k w_k H_k, i.e. exactly the histogram of the
+    concatenated |W| of the resampled questions (duplicates counted as often as drawn).
+    """
+
+    def __init__(self, counts_base: np.ndarray, counts_tuned: np.ndarray, log_base: str, eps: float):
+        self.Hb, self.Ht = np.asarray(counts_base, np.float64), np.asarray(counts_tuned, np.float64)
+        self.n = len(self.Hb)
+        self.log_base, self.eps = log_base, eps
+        self.per_sample = None
+
+    def _H(self, counts: np.ndarray) -> np.ndarray:
+        return M.entropy_of_counts(counts, self.log_base, self.eps)
+
+    def resampled(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self._H(weights @ self.Hb), self._H(weights @ self.Ht)
+
+    def flipped(self, flips: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        S = flips.astype(np.float64)
+        return self._H(S @ self.Ht + (1 - S) @ self.Hb), self._H(S @ self.Hb + (1 - S) @ self.Ht)
+
+
+class PairwiseDiversityStatistic:
+    """Diversity: 1 - mean Pearson correlation over pairs of distinct questions.
+
+    One correlation matrix of all 2n samples (base rows first, then tuned) serves every
+    resample and every flip. In a bootstrap resample, pairs formed by two draws of the SAME
+    question are left out (they would add correlation 1 and bias diversity down): the mean
+    runs over ordered pairs (a, b) of draws with different questions, weight w_i w_j.
+    """
+
+    def __init__(self, X_base: np.ndarray, X_tuned: np.ndarray):
+        n = len(X_base)
+        C = M.correlation_matrix(np.concatenate([X_base, X_tuned]))
+        zero_diag = lambda A: A - np.diag(np.diag(A))  # noqa: E731
+        self.Cbb, self.Ctt = zero_diag(C[:n, :n]), zero_diag(C[n:, n:])
+        self.Cbt, self.Ctb = zero_diag(C[:n, n:]), zero_diag(C[n:, :n])
+        self.n = n
+        self.per_sample = (1.0 - self.Cbb.sum(1) / (n - 1), 1.0 - self.Ctt.sum(1) / (n - 1))
+
+    @staticmethod
+    def _quad(A: np.ndarray, C: np.ndarray, B: np.ndarray) -> np.ndarray:
+        return np.einsum("pi,ij,pj->p", A, C, B)
+
+    def resampled(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        pairs = weights.sum(1) ** 2 - (weights**2).sum(1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            base = 1.0 - self._quad(weights, self.Cbb, weights) / pairs
+            tuned = 1.0 - self._quad(weights, self.Ctt, weights) / pairs
+        return base, tuned
+
+    def flipped(self, flips: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # keep[k] = 1 where pair k is not swapped; the group "tuned'" holds tuned_k if keep else base_k
+        keep = 1.0 - flips.astype(np.float64)
+        swap = 1.0 - keep
+        q = self._quad
+        tuned = q(keep, self.Ctt, keep) + q(keep, self.Ctb, swap) + q(swap, self.Cbt, keep) + q(swap, self.Cbb, swap)
+        base = q(keep, self.Cbb, keep) + q(keep, self.Cbt, swap) + q(swap, self.Ctb, keep) + q(swap, self.Ctt, swap)
+        pairs = self.n * (self.n - 1)
+        return 1.0 - base / pairs, 1.0 - tuned / pairs
+
+
+# ----------------------------------------------------------- comparison
+@dataclass
+class Comparison:
+    """Point values and 95% CIs for base, tuned and tuned - base, with tests and effect sizes."""
+
+    base: float
+    tuned: float
+    diff: float
+    base_ci: tuple[float, float]
+    tuned_ci: tuple[float, float]
+    diff_ci: tuple[float, float]
+    p_perm: float
+    perm_exact: bool
+    p_wilcoxon: float
+    cohen_dz: float
+    n_samples: int
+    n_boot: int
+    n_perm: int
+
+    @property
+    def rel_diff(self) -> float:
+        return self.diff / abs(self.base) if self.base not in (0, 0.0) and np.isfinite(self.base) else float("nan")
+
+    @property
+    def arrow(self) -> str:
+        """'up' / 'down' when the diff CI excludes 0, else '' (no significant change)."""
+        lo, hi = self.diff_ci
+        if lo > 0:
+            return "up"
+        if hi < 0:
+            return "down"
+        return ""
+
+
+def compare(stat, weights: np.ndarray, flips: np.ndarray, exact: bool, level: float = 0.95) -> Comparison:
+    """Paired comparison of one statistic, given bootstrap weights [B, n] and sign flips [P, n]."""
+    ones = np.ones((1, stat.n))
+    base, tuned = (float(v[0]) for v in stat.resampled(ones))
+    boot_b, boot_t = stat.resampled(weights)
+    null_b, null_t = stat.flipped(flips)
+    per = stat.per_sample
+    return Comparison(
+        base=base,
+        tuned=tuned,
+        diff=tuned - base,
+        base_ci=tuple(map(float, percentile_ci(boot_b, level))),
+        tuned_ci=tuple(map(float, percentile_ci(boot_t, level))),
+        diff_ci=tuple(map(float, percentile_ci(boot_t - boot_b, level))),
+        p_perm=permutation_pvalue(tuned - base, null_t - null_b, exact),
+        perm_exact=exact,
+        p_wilcoxon=wilcoxon_pvalue(*per) if per is not None else float("nan"),
+        cohen_dz=cohen_dz(*per) if per is not None else float("nan"),
+        n_samples=stat.n,
+        n_boot=len(weights),
+        n_perm=len(flips),
+    )
