@@ -1,8 +1,8 @@
 """A synthetic run directory with a planted change, for the report tests.
 
 Dataset "planted": the tuned model's edges whose SOURCE is `PLANTED_SOURCE` are GAIN x
-stronger than the base model's, and its question-specific component is larger (so its
-questions are less alike: diversity up). Dataset "null": base and tuned come from the
+stronger than the base model's (all other edges keep their size), and a random half of its
+questions have their whole W negated (|W| unchanged, questions less alike: diversity up). Dataset "null": base and tuned come from the
 same distribution (nothing planted). Both share a per-edge scale and a per-question
 pattern, as two models answering the same questions would.
 """
@@ -49,8 +49,11 @@ def pair_matrices(rng, graph: Graph, n: int, planted: bool) -> tuple[np.ndarray,
     base = scale * (common + 0.8 * question + 0.3 * _draw(rng, shape))
     if planted:
         gain = np.ones(mask.shape)
-        gain[:, graph.src_index[PLANTED_SOURCE]] = GAIN
-        tuned = scale * gain * (common + 1.6 * question + 0.3 * _draw(rng, shape))
+        gain[:, [j for j, name in enumerate(graph.src_names) if name.startswith(PLANTED_SOURCE)]] = GAIN
+        # a random half of the questions get their whole pattern negated: |W| is untouched, the
+        # correlation between questions of opposite sign flips (diversity up)
+        sign = np.where(rng.random(n) < 0.5, -1.0, 1.0)[:, None, None]
+        tuned = sign * scale * gain * (common + 0.8 * question + 0.3 * _draw(rng, shape))
     else:
         tuned = scale * (common + 0.8 * question + 0.3 * _draw(rng, shape))
     return base * mask, tuned * mask

@@ -49,11 +49,40 @@ def sign_flips(n: int, n_perm: int, rng: np.random.Generator) -> tuple[np.ndarra
     return rng.random((n_perm, n)) < 0.5, False
 
 
+CI_METHODS = ("bca", "percentile")
+
+
 def percentile_ci(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
     """Percentile interval of bootstrap values along axis 0 (nan values ignored)."""
     tail = (1.0 - level) / 2.0 * 100.0
     lo, hi = np.nanpercentile(values, [tail, 100.0 - tail], axis=0)
     return lo, hi
+
+
+def bca_ci(values: np.ndarray, point: float, jackknife: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Bias-corrected and accelerated interval (Efron 1987) of 1-D bootstrap values.
+
+    z0 from the share of bootstrap values below the point estimate; the acceleration from the
+    leave-one-question-out (jackknife) values. Falls back to the percentile interval when z0 is
+    infinite (every bootstrap value on one side of the point estimate).
+    """
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    jackknife = np.asarray(jackknife, dtype=np.float64)
+    if values.size == 0 or not np.isfinite(point):
+        return float("nan"), float("nan")
+    share = float(np.mean(values < point))
+    if share in (0.0, 1.0) or not np.isfinite(jackknife).all():
+        return percentile_ci(values, level)
+    z0 = sps.norm.ppf(share)
+    dev = jackknife.mean() - jackknife
+    den = 6.0 * float(np.sum(dev**2)) ** 1.5
+    accel = float(np.sum(dev**3)) / den if den > 0 else 0.0
+    tail = (1.0 - level) / 2.0
+    z = sps.norm.ppf([tail, 1.0 - tail])
+    adjusted = sps.norm.cdf(z0 + (z0 + z) / (1.0 - accel * (z0 + z)))
+    lo, hi = np.percentile(values, 100.0 * adjusted)
+    return float(lo), float(hi)
 
 
 def permutation_pvalue(observed: float, null: np.ndarray, exact: bool) -> float:
@@ -221,20 +250,32 @@ class Comparison:
         return ""
 
 
-def compare(stat, weights: np.ndarray, flips: np.ndarray, exact: bool, level: float = 0.95) -> Comparison:
-    """Paired comparison of one statistic, given bootstrap weights [B, n] and sign flips [P, n]."""
+def compare(stat, weights: np.ndarray, flips: np.ndarray, exact: bool, level: float = 0.95, ci: str = "bca") -> Comparison:
+    """Paired comparison of one statistic, given bootstrap weights [B, n] and sign flips [P, n].
+
+    ci: "bca" (bias-corrected and accelerated, jackknife over questions) or "percentile".
+    """
+    if ci not in CI_METHODS:
+        raise ValueError(f"ci {ci!r} is unknown; use one of {', '.join(CI_METHODS)}")
     ones = np.ones((1, stat.n))
     base, tuned = (float(v[0]) for v in stat.resampled(ones))
     boot_b, boot_t = stat.resampled(weights)
     null_b, null_t = stat.flipped(flips)
     per = stat.per_sample
+    if ci == "bca":
+        jack_b, jack_t = stat.resampled(1.0 - np.eye(stat.n))
+        interval = lambda boot, point, jack: bca_ci(boot, point, jack, level)  # noqa: E731
+    else:
+        jack_b = jack_t = None
+        interval = lambda boot, point, jack: percentile_ci(boot, level)  # noqa: E731
+    diff_jack = None if jack_b is None else jack_t - jack_b
     return Comparison(
         base=base,
         tuned=tuned,
         diff=tuned - base,
-        base_ci=tuple(map(float, percentile_ci(boot_b, level))),
-        tuned_ci=tuple(map(float, percentile_ci(boot_t, level))),
-        diff_ci=tuple(map(float, percentile_ci(boot_t - boot_b, level))),
+        base_ci=tuple(map(float, interval(boot_b, base, jack_b))),
+        tuned_ci=tuple(map(float, interval(boot_t, tuned, jack_t))),
+        diff_ci=tuple(map(float, interval(boot_t - boot_b, tuned - base, diff_jack))),
         p_perm=permutation_pvalue(tuned - base, null_t - null_b, exact),
         perm_exact=exact,
         p_wilcoxon=wilcoxon_pvalue(*per) if per is not None else float("nan"),

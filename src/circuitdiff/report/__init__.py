@@ -145,6 +145,7 @@ def register_cli(subparsers) -> None:
     p.add_argument("--eps", type=float, default=1e-12, help="entropy: -sum p log(p + eps) (default 1e-12)")
     p.add_argument("--n-boot", type=int, default=10000, help="bootstrap resamples (default 10000)")
     p.add_argument("--n-perm", type=int, default=10000, help="sign flips of the permutation test (default 10000)")
+    p.add_argument("--ci", choices=["bca", "percentile"], default="bca", help="bootstrap interval (default bca)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ref-alpha", type=float, default=0.1, help="alpha of the diversity and node-entropy figures (closest available)")
     p.set_defaults(func=_run_cli)
@@ -160,6 +161,7 @@ def _run_cli(args) -> int:
             eps=args.eps,
             n_boot=args.n_boot,
             n_perm=args.n_perm,
+            ci=args.ci,
             seed=args.seed,
             ref_alpha=args.ref_alpha,
         )

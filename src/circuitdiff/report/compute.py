@@ -30,6 +30,7 @@ class Settings:
     n_perm: int = 10000
     seed: int = 0
     level: float = 0.95
+    ci: str = "bca"  # or "percentile"
     ref_alpha: float = 0.1
 
     def __post_init__(self) -> None:
@@ -37,6 +38,8 @@ class Settings:
             raise ValueError(f"entries {self.entries} must be a non-empty list of {', '.join(M.ENTRIES)}")
         if self.n_boot < 100 or self.n_perm < 100:
             raise ValueError(f"n_boot={self.n_boot} and n_perm={self.n_perm} must be at least 100")
+        if self.ci not in S.CI_METHODS:
+            raise ValueError(f"ci {self.ci!r} is unknown; use one of {', '.join(S.CI_METHODS)}")
         if not 0 < self.level < 1:
             raise ValueError(f"level={self.level} must be in (0, 1)")
         M.HistogramSpec(self.bins, self.range, self.log_base, self.eps)  # validates
@@ -50,7 +53,8 @@ class Settings:
 
     @property
     def ci_method(self) -> str:
-        return f"percentile bootstrap {self.level:.0%}, paired (questions resampled jointly for both models)"
+        kind = "BCa" if self.ci == "bca" else "percentile"
+        return f"{kind} bootstrap {self.level:.0%}, paired (questions resampled jointly for both models)"
 
 
 @dataclass
@@ -172,7 +176,7 @@ def analyse_pair(pair: PairData, settings: Settings) -> PairResult:
             "diversity": diversity,
         }
         for metric, stat in stats.items():
-            comparisons[(entries, metric)] = S.compare(stat, weights, flips, exact, settings.level)
+            comparisons[(entries, metric)] = S.compare(stat, weights, flips, exact, settings.level, settings.ci)
         if corr_base is None:
             eye = np.eye(n)
             corr_base, corr_tuned = diversity.Cbb + eye, diversity.Ctt + eye
@@ -182,7 +186,7 @@ def analyse_pair(pair: PairData, settings: Settings) -> PairResult:
     Et = M.output_entropy_per_source(t.scores, mask, spec.log_base, spec.eps)
     node = NodeEntropy(
         list(b.src_names),
-        [S.compare(S.MeanStatistic(Eb[:, u], Et[:, u]), weights, flips, exact, settings.level) for u in range(Eb.shape[1])],
+        [S.compare(S.MeanStatistic(Eb[:, u], Et[:, u]), weights, flips, exact, settings.level, settings.ci) for u in range(Eb.shape[1])],
     )
 
     Ab, gd, gs = aggregate(M.mean_abs(b.scores), b.dst_names, b.src_names)

@@ -37,6 +37,12 @@ def to_png(fig) -> bytes:
     return buf.getvalue()
 
 
+def _yerr(values: np.ndarray, cis: np.ndarray) -> np.ndarray:
+    """Error-bar lengths from a CI; a bootstrap CI need not contain the point estimate, so clip at 0."""
+    err = np.stack([values - cis[:, 0], cis[:, 1] - values])
+    return np.nan_to_num(np.clip(err, 0.0, None))
+
+
 def _axis_labels(groups: list[str], order: list[int], max_labels: int = 45) -> tuple[list[int], list[str], list[float]]:
     """Tick positions/labels (thinned) and the positions of boundaries between node types."""
     types = [node_type(groups[i]) for i in order]
@@ -52,21 +58,24 @@ def _axis_labels(groups: list[str], order: list[int], max_labels: int = 45) -> t
     return ticks, labels, bounds
 
 
-def relative_change_heatmap(results: list[PairResult], dataset: str) -> bytes:
+def heatmap_scale(results: list[PairResult]) -> float:
+    """One colour scale for every heatmap of the report: the 99th percentile of |relative change|."""
+    finite = np.concatenate([np.abs(r.rel_change[np.isfinite(r.rel_change)]) for r in results])
+    vmax = float(np.percentile(finite, 99)) if finite.size else 1.0
+    return vmax if vmax > 0 else 1.0
+
+
+def relative_change_heatmap(results: list[PairResult], dataset: str, vmax: float) -> bytes:
     """One panel per alpha of the relative change per edge (aggregated to q/k/v/block nodes at head level)."""
     rs = sorted((r for r in results if r.dataset == dataset), key=lambda r: r.alpha_value)
     rels = [r.rel_change for r in rs]
-    finite = np.concatenate([np.abs(x[np.isfinite(x)]) for x in rels]) if rels else np.array([])
-    vmax = float(np.percentile(finite, 99)) if finite.size else 1.0
-    vmax = vmax if vmax > 0 else 1.0
     first = rs[0]
     dorder, sorder = type_layer_order(first.group_dst), type_layer_order(first.group_src)
     n_d, n_s = len(dorder), len(sorder)
     width = min(6.0, 2.0 + 0.12 * n_s)
     height = min(10.0, 2.0 + 0.1 * n_d)
     fig, axes = plt.subplots(1, len(rs), figsize=(width * len(rs) + 1.2, height), squeeze=False, constrained_layout=True)
-    cmap = plt.get_cmap("RdBu_r").copy()
-    cmap.set_bad("#d9d9d9")
+    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="#d9d9d9")
     image = None
     for ax, r, rel in zip(axes[0], rs, rels):
         image = ax.imshow(rel[np.ix_(dorder, sorder)], cmap=cmap, vmin=-vmax, vmax=vmax, aspect="auto", interpolation="nearest")
@@ -82,18 +91,21 @@ def relative_change_heatmap(results: list[PairResult], dataset: str) -> bytes:
         ax.set_xlabel("source (type, layer)", fontsize=8)
     axes[0][0].set_ylabel("destination (type, layer)", fontsize=8)
     bar = fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
-    bar.set_label(f"relative change of mean|W| (clipped at ±{vmax:.3g}, 99th pct)", fontsize=8)
-    agg = " (heads summed into q/k/v and block nodes)" if first.aggregated else ""
-    fig.suptitle(f"{dataset}: (mean|W_tuned| - mean|W_base|) / mean|W_base| per edge{agg}; grey = no edge", fontsize=10)
+    bar.set_label("relative change of mean|W|", fontsize=8)
+    agg = "; heads summed into q/k/v and block nodes" if first.aggregated else ""
+    fig.suptitle(
+        f"{dataset}: (mean|W_tuned| - mean|W_base|) / mean|W_base| per edge{agg}\n"
+        f"grey = no edge; colours clipped at ±{vmax:.3g} (99th pct of |change| over the whole report)",
+        fontsize=9,
+    )
     return to_png(fig)
 
 
 def metrics_vs_alpha(results: list[PairResult], dataset: str, settings: Settings) -> bytes:
     rs = sorted((r for r in results if r.dataset == dataset), key=lambda r: r.alpha_value)
-    alphas = np.array([r.alpha_value for r in rs])
+    pos = np.arange(len(rs), dtype=np.float64)  # alphas as evenly spaced categories
     n_rows, n_cols = len(settings.entries), len(M.METRICS)
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(3.3 * n_cols, 2.7 * n_rows), squeeze=False, constrained_layout=True)
-    log_x = len(alphas) > 1 and np.all(alphas > 0)
     for i, entries in enumerate(settings.entries):
         for j, metric in enumerate(M.METRICS):
             ax = axes[i][j]
@@ -101,17 +113,14 @@ def metrics_vs_alpha(results: list[PairResult], dataset: str, settings: Settings
             for k, role in enumerate(("base", "tuned")):
                 vals = np.array([getattr(c, role) for c in comps])
                 cis = np.array([getattr(c, f"{role}_ci") for c in comps])
-                x = alphas * (1.0 + (0.03 if role == "tuned" else -0.03)) if log_x else alphas + (k - 0.5) * 0.004
-                ax.errorbar(x, vals, yerr=[vals - cis[:, 0], cis[:, 1] - vals], marker="o", ms=4, capsize=3,
+                ax.errorbar(pos + (k - 0.5) * 0.12, vals, yerr=_yerr(vals, cis), marker="o", ms=4, capsize=3,
                             color=COLORS[role], label=role)  # fmt: skip
             top = ax.get_ylim()[1]
-            for a, c in zip(alphas, comps):
+            for p, c in zip(pos, comps):
                 if c.arrow:
-                    ax.annotate("*", (a, top), ha="center", va="top", fontsize=12)
-            if log_x:
-                ax.set_xscale("log")
-                ax.set_xticks(alphas, [r.alpha for r in rs])
-                ax.minorticks_off()
+                    ax.annotate("*", (p, top), ha="center", va="top", fontsize=12)
+            ax.set_xticks(pos, [r.alpha for r in rs])
+            ax.set_xlim(-0.5, len(rs) - 0.5)
             ax.set_title(f"{M.METRIC_LABELS[metric]}  [entries={entries}]", fontsize=9)
             ax.set_xlabel("alpha (T_cut / T_bar)", fontsize=8)
             ax.tick_params(labelsize=7)
@@ -161,12 +170,12 @@ def node_entropy_figure(result: PairResult, settings: Settings) -> bytes:
     node = result.node_entropy
     names = node.src_names
     x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(min(24.0, 2.0 + 0.28 * len(names)), 3.8), constrained_layout=True)
+    fig, ax = plt.subplots(figsize=(min(24.0, max(7.0, 2.0 + 0.28 * len(names))), 3.8), constrained_layout=True)
     width = 0.4
     for k, role in enumerate(("base", "tuned")):
         vals = np.array([getattr(c, role) for c in node.comparisons])
         cis = np.array([getattr(c, f"{role}_ci") for c in node.comparisons])
-        ax.bar(x + (k - 0.5) * width, vals, width, yerr=[vals - cis[:, 0], cis[:, 1] - vals], color=COLORS[role],
+        ax.bar(x + (k - 0.5) * width, vals, width, yerr=_yerr(vals, cis), color=COLORS[role],
                label=role, error_kw={"elinewidth": 0.7, "capsize": 1.5})  # fmt: skip
     top = ax.get_ylim()[1]
     for xi, c in zip(x, node.comparisons):
@@ -178,7 +187,7 @@ def node_entropy_figure(result: PairResult, settings: Settings) -> bytes:
     ax.set_xlim(-0.7, len(names) - 0.3)
     ax.legend(fontsize=7)
     ax.set_title(
-        f"{result.dataset}, alpha={result.alpha}: entropy of each source node's normalised |outgoing edge weights|, "
+        f"{result.dataset}, alpha={result.alpha}: entropy of each source node's normalised |outgoing edge weights|\n"
         f"mean over {result.n_samples} questions, {settings.level:.0%} CI; * = CI of tuned - base excludes 0",
         fontsize=9,
     )

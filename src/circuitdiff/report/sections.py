@@ -72,7 +72,7 @@ def conventions_section(ctx: ReportContext) -> list[Section]:
     models = sorted({(r.models["base"], r.models["tuned"]) for r in ctx.results})
     for base, tuned in models:
         rows.insert(0, ["models", f"base = {base}; tuned = {tuned}"])
-    return [Section("Conventions", "Every number in this report was produced with these conventions.", [Table(["", ""], rows)])]
+    return [Section("Conventions", "Every number in this report was produced with these conventions.", [Table(["convention", "value"], rows)])]
 
 
 def summary_section(ctx: ReportContext) -> list[Section]:
@@ -98,9 +98,10 @@ def alpha_section(ctx: ReportContext) -> list[Section]:
 
 
 def heatmap_section(ctx: ReportContext) -> list[Section]:
+    vmax = figures.heatmap_scale(ctx.results)
     blocks = [
-        Figure(figures.relative_change_heatmap(ctx.results, d), f"{d}: relative change of mean |W| per edge (red = stronger "
-               "in the tuned model); nodes ordered by type then layer; grey = impossible edge.",
+        Figure(figures.relative_change_heatmap(ctx.results, d, vmax), f"{d}: relative change of mean |W| per edge (red = stronger "
+               "in the tuned model); nodes ordered by type then layer; grey = impossible edge; one colour scale for all datasets.",
                f"fig_relative_change_{safe_name(d)}.png")
         for d in ctx.datasets
     ]  # fmt: skip
