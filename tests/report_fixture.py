@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from circuitdiff.graph import Graph
+from circuitdiff.report.compute import group_node  # attn.1.h3 -> attn.1
 
 PLANTED_SOURCE = "attn.1"
 GAIN = 2.0
@@ -49,7 +50,7 @@ def pair_matrices(rng, graph: Graph, n: int, planted: bool) -> tuple[np.ndarray,
     base = scale * (common + 0.8 * question + 0.3 * _draw(rng, shape))
     if planted:
         gain = np.ones(mask.shape)
-        gain[:, [j for j, name in enumerate(graph.src_names) if name.startswith(PLANTED_SOURCE)]] = GAIN
+        gain[:, [j for j, name in enumerate(graph.src_names) if group_node(name) == PLANTED_SOURCE]] = GAIN
         # a random half of the questions get their whole pattern negated: |W| is untouched, the
         # correlation between questions of opposite sign flips (diversity up)
         sign = np.where(rng.random(n) < 0.5, -1.0, 1.0)[:, None, None]

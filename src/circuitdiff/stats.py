@@ -133,7 +133,10 @@ def holm(pvalues: list[float]) -> list[float]:
 
 # ----------------------------------------------------------- statistics
 class MeanStatistic:
-    """A metric that is the mean of per-sample values x_k (intensity, kurtosis)."""
+    """A metric that is the mean of per-sample values x_k (intensity, kurtosis).
+
+    base/tuned are [n] or [n, m] (m metrics at once, e.g. one per source node); results keep the m axis.
+    """
 
     def __init__(self, base: np.ndarray, tuned: np.ndarray):
         self.base, self.tuned = np.asarray(base, np.float64), np.asarray(tuned, np.float64)
@@ -142,13 +145,15 @@ class MeanStatistic:
 
     def resampled(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         total = weights.sum(axis=1)
+        if self.base.ndim == 2:
+            total = total[:, None]
         return weights @ self.base / total, weights @ self.tuned / total
 
     def flipped(self, flips: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # swapped pairs exchange x_b and x_t: base' = (sum x_b + sum_k s_k (x_t - x_b)) / n
         S = flips.astype(np.float64)
-        base = (S * self.tuned + (1 - S) * self.base).mean(axis=1)
-        tuned = (S * self.base + (1 - S) * self.tuned).mean(axis=1)
-        return base, tuned
+        delta = S @ (self.tuned - self.base)
+        return (self.base.sum(0) + delta) / self.n, (self.tuned.sum(0) - delta) / self.n
 
 
 class PooledEntropyStatistic:
@@ -196,7 +201,8 @@ class PairwiseDiversityStatistic:
 
     @staticmethod
     def _quad(A: np.ndarray, C: np.ndarray, B: np.ndarray) -> np.ndarray:
-        return np.einsum("pi,ij,pj->p", A, C, B)
+        """Row-wise a_p^T C b_p."""
+        return ((A @ C) * B).sum(axis=1)
 
     def resampled(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         pairs = weights.sum(1) ** 2 - (weights**2).sum(1)
@@ -250,37 +256,56 @@ class Comparison:
         return ""
 
 
-def compare(stat, weights: np.ndarray, flips: np.ndarray, exact: bool, level: float = 0.95, ci: str = "bca") -> Comparison:
-    """Paired comparison of one statistic, given bootstrap weights [B, n] and sign flips [P, n].
+def compare_all(stat, weights: np.ndarray, flips: np.ndarray, exact: bool, level: float = 0.95, ci: str = "percentile") -> list[Comparison]:
+    """Paired comparisons of a statistic with m values (a trailing axis, or none for m = 1).
 
-    ci: "bca" (bias-corrected and accelerated, jackknife over questions) or "percentile".
+    weights [B, n] are the bootstrap resamples, flips [P, n] the sign flips of the permutation
+    test. ci: "bca" (bias-corrected and accelerated, jackknife over questions) or "percentile".
     """
     if ci not in CI_METHODS:
         raise ValueError(f"ci {ci!r} is unknown; use one of {', '.join(CI_METHODS)}")
-    ones = np.ones((1, stat.n))
-    base, tuned = (float(v[0]) for v in stat.resampled(ones))
-    boot_b, boot_t = stat.resampled(weights)
-    null_b, null_t = stat.flipped(flips)
+
+    def cols(pair):
+        b, t = (np.asarray(v, dtype=np.float64) for v in pair)
+        return (b[:, None], t[:, None]) if b.ndim == 1 else (b, t)
+
+    point_b, point_t = cols(stat.resampled(np.ones((1, stat.n))))
+    boot_b, boot_t = cols(stat.resampled(weights))
+    null_b, null_t = cols(stat.flipped(flips))
+    jack_b, jack_t = cols(stat.resampled(1.0 - np.eye(stat.n))) if ci == "bca" else (None, None)
     per = stat.per_sample
-    if ci == "bca":
-        jack_b, jack_t = stat.resampled(1.0 - np.eye(stat.n))
-        interval = lambda boot, point, jack: bca_ci(boot, point, jack, level)  # noqa: E731
-    else:
-        jack_b = jack_t = None
-        interval = lambda boot, point, jack: percentile_ci(boot, level)  # noqa: E731
-    diff_jack = None if jack_b is None else jack_t - jack_b
-    return Comparison(
-        base=base,
-        tuned=tuned,
-        diff=tuned - base,
-        base_ci=tuple(map(float, interval(boot_b, base, jack_b))),
-        tuned_ci=tuple(map(float, interval(boot_t, tuned, jack_t))),
-        diff_ci=tuple(map(float, interval(boot_t - boot_b, tuned - base, diff_jack))),
-        p_perm=permutation_pvalue(tuned - base, null_t - null_b, exact),
-        perm_exact=exact,
-        p_wilcoxon=wilcoxon_pvalue(*per) if per is not None else float("nan"),
-        cohen_dz=cohen_dz(*per) if per is not None else float("nan"),
-        n_samples=stat.n,
-        n_boot=len(weights),
-        n_perm=len(flips),
-    )
+    if per is not None:
+        per = cols(per)
+
+    def interval(boot, point, jack):
+        if ci == "bca":
+            return tuple(map(float, bca_ci(boot, point, jack, level)))
+        return tuple(map(float, percentile_ci(boot, level)))
+
+    out = []
+    for j in range(point_b.shape[1]):
+        base, tuned = float(point_b[0, j]), float(point_t[0, j])
+        jb = None if jack_b is None else jack_b[:, j]
+        jt = None if jack_t is None else jack_t[:, j]
+        out.append(Comparison(
+            base=base,
+            tuned=tuned,
+            diff=tuned - base,
+            base_ci=interval(boot_b[:, j], base, jb),
+            tuned_ci=interval(boot_t[:, j], tuned, jt),
+            diff_ci=interval(boot_t[:, j] - boot_b[:, j], tuned - base, None if jb is None else jt - jb),
+            p_perm=permutation_pvalue(tuned - base, null_t[:, j] - null_b[:, j], exact),
+            perm_exact=exact,
+            p_wilcoxon=wilcoxon_pvalue(per[0][:, j], per[1][:, j]) if per is not None else float("nan"),
+            cohen_dz=cohen_dz(per[0][:, j], per[1][:, j]) if per is not None else float("nan"),
+            n_samples=stat.n,
+            n_boot=len(weights),
+            n_perm=len(flips),
+        ))  # fmt: skip
+    return out
+
+
+def compare(stat, weights: np.ndarray, flips: np.ndarray, exact: bool, level: float = 0.95, ci: str = "percentile") -> Comparison:
+    """Paired comparison of one scalar statistic (see `compare_all`)."""
+    (result,) = compare_all(stat, weights, flips, exact, level, ci)
+    return result

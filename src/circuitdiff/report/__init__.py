@@ -145,7 +145,7 @@ def register_cli(subparsers) -> None:
     p.add_argument("--eps", type=float, default=1e-12, help="entropy: -sum p log(p + eps) (default 1e-12)")
     p.add_argument("--n-boot", type=int, default=10000, help="bootstrap resamples (default 10000)")
     p.add_argument("--n-perm", type=int, default=10000, help="sign flips of the permutation test (default 10000)")
-    p.add_argument("--ci", choices=["bca", "percentile"], default="bca", help="bootstrap interval (default bca)")
+    p.add_argument("--ci", choices=["percentile", "bca"], default="percentile", help="bootstrap interval (default percentile)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ref-alpha", type=float, default=0.1, help="alpha of the diversity and node-entropy figures (closest available)")
     p.set_defaults(func=_run_cli)

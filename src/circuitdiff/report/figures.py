@@ -166,29 +166,44 @@ def diversity_figure(result: PairResult, entries: str) -> bytes:
     return to_png(fig)
 
 
-def node_entropy_figure(result: PairResult, settings: Settings) -> bytes:
+def node_entropy_figure(result: PairResult, settings: Settings, max_bars: int = 64) -> bytes:
+    """Top: entropy per source node for both models (bars, or lines with CI bands for many nodes).
+    Bottom: tuned - base per node with its CI; nodes whose CI excludes 0 in red/blue."""
     node = result.node_entropy
-    names = node.src_names
+    names, comps = node.src_names, node.comparisons
     x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(min(24.0, max(7.0, 2.0 + 0.28 * len(names))), 3.8), constrained_layout=True)
-    width = 0.4
+    many = len(names) > max_bars
+    width_in = 14.0 if many else min(14.0, max(7.0, 2.0 + 0.22 * len(names)))
+    fig, (ax, axd) = plt.subplots(2, 1, figsize=(width_in, 5.6), sharex=True, height_ratios=[3, 2], constrained_layout=True)
     for k, role in enumerate(("base", "tuned")):
-        vals = np.array([getattr(c, role) for c in node.comparisons])
-        cis = np.array([getattr(c, f"{role}_ci") for c in node.comparisons])
-        ax.bar(x + (k - 0.5) * width, vals, width, yerr=_yerr(vals, cis), color=COLORS[role],
-               label=role, error_kw={"elinewidth": 0.7, "capsize": 1.5})  # fmt: skip
-    top = ax.get_ylim()[1]
-    for xi, c in zip(x, node.comparisons):
-        if c.arrow:
-            ax.text(xi, top * 0.98, "*", ha="center", va="top", fontsize=10)
-    step = max(1, math.ceil(len(names) / 80))
-    ax.set_xticks(x[::step], names[::step], rotation=90, fontsize=6)
+        vals = np.array([getattr(c, role) for c in comps])
+        cis = np.array([getattr(c, f"{role}_ci") for c in comps])
+        if many:
+            ax.plot(x, vals, color=COLORS[role], lw=0.9, label=role)
+            ax.fill_between(x, cis[:, 0], cis[:, 1], color=COLORS[role], alpha=0.25, lw=0)
+        else:
+            ax.bar(x + (k - 0.5) * 0.4, vals, 0.4, yerr=_yerr(vals, cis), color=COLORS[role], label=role,
+                   error_kw={"elinewidth": 0.7, "capsize": 1.5})  # fmt: skip
     ax.set_ylabel(f"entropy (log base {settings.log_base})", fontsize=8)
-    ax.set_xlim(-0.7, len(names) - 0.3)
     ax.legend(fontsize=7)
+    diff = np.array([c.diff for c in comps])
+    dci = np.array([c.diff_ci for c in comps])
+    colors = ["#b42318" if c.arrow == "up" else "#1f4e99" if c.arrow == "down" else "#888888" for c in comps]
+    axd.axhline(0.0, color="black", lw=0.7)
+    axd.errorbar(x, diff, yerr=_yerr(diff, dci), fmt="none", ecolor=colors, elinewidth=0.8)
+    axd.scatter(x, diff, c=colors, s=8 if many else 14, zorder=3)
+    axd.set_ylabel("tuned - base", fontsize=8)
+    n_sig = sum(1 for c in comps if c.arrow)
+    axd.set_title(f"{n_sig}/{len(comps)} nodes with a {settings.level:.0%} CI excluding 0 (coloured; not corrected "
+                  "for multiple comparisons)", fontsize=8)  # fmt: skip
+    step = max(1, math.ceil(len(names) / 70))
+    axd.set_xticks(x[::step], names[::step], rotation=90, fontsize=6)
+    axd.set_xlim(-0.7, len(names) - 0.3)
+    for a in (ax, axd):
+        a.tick_params(labelsize=7)
     ax.set_title(
-        f"{result.dataset}, alpha={result.alpha}: entropy of each source node's normalised |outgoing edge weights|\n"
-        f"mean over {result.n_samples} questions, {settings.level:.0%} CI; * = CI of tuned - base excludes 0",
+        f"{result.dataset}, alpha={result.alpha}: entropy of each source node's normalised |outgoing edge weights|, "
+        f"mean over {result.n_samples} questions, {settings.level:.0%} CIs",
         fontsize=9,
     )
     return to_png(fig)
