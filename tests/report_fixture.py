@@ -25,10 +25,13 @@ def _draw(rng, shape, df=4.0):
     return rng.standard_t(df, size=shape)
 
 
-def write_w(path: Path, W: np.ndarray, graph: Graph, loss: np.ndarray, model: str) -> None:
+def write_w(path: Path, W: np.ndarray, graph: Graph, loss: np.ndarray, model: str, idx: list | None = None) -> None:
+    """A W.npz as `circuitdiff attribute` writes it; `idx` (the samples' question ids) goes into meta like the run stage does."""
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"granularity": graph.granularity, "n_layers": graph.n_layers, "model": model,
             "loss": "mean NLL of the model's own answer tokens answer_ids[:cut_len] given the prompt"}  # fmt: skip
+    if idx is not None:
+        meta["idx"] = list(idx)
     np.savez_compressed(
         path,
         scores=W.astype(np.float32),
@@ -69,11 +72,12 @@ def make_run(root: Path, n: int = 24, n_layers: int = 3, granularity: str = "qkv
     run = Path(root)
     for dataset, alpha, planted in (("planted", "0.1", True), ("planted", "0.3", True), ("null", "0.1", False)):
         base, tuned = pair_matrices(rng, graph, n, planted)
-        write_w(run / "attribution" / "base" / dataset / f"alpha={alpha}.npz", base, graph, rng.uniform(0.5, 1, n), "synthetic-base")
-        write_w(run / "attribution" / "tuned" / dataset / f"alpha={alpha}.npz", tuned, graph, rng.uniform(0.3, 1, n), "synthetic-tuned")
+        idx = [100 + 3 * k for k in range(n)]
+        write_w(run / "attribution" / "base" / dataset / f"alpha={alpha}.npz", base, graph, rng.uniform(0.5, 1, n), "synthetic-base", idx)
+        write_w(run / "attribution" / "tuned" / dataset / f"alpha={alpha}.npz", tuned, graph, rng.uniform(0.3, 1, n), "synthetic-tuned", idx)
         sel = run / "selection" / dataset / f"alpha={alpha}.json"
         sel.parent.mkdir(parents=True, exist_ok=True)
-        sel.write_text(json.dumps({"idx": list(range(n)), "T_bar": 120.0, "T_cut": int(float(alpha) * 120), "n_both_correct": 3 * n}))
+        sel.write_text(json.dumps({"idx": [100 + 3 * k for k in range(n)], "T_bar": 120.0, "T_cut": int(float(alpha) * 120), "n_both_correct": 3 * n}))
     base, _ = pair_matrices(rng, graph, n, True)
     write_w(run / "attribution" / "base" / "planted" / "alpha=0.5.npz", base, graph, np.ones(n), "synthetic-base")
     (run / "manifest.json").write_text(json.dumps({"models": {"base": "synthetic-base", "tuned": "synthetic-tuned"}, "seed": seed}))

@@ -12,6 +12,8 @@ from circuitdiff import cli
 from circuitdiff.errors import UserError
 from circuitdiff.graph import Graph
 from circuitdiff.report import Settings, build_report
+from circuitdiff.report import build_report as build
+from circuitdiff.report.sections import heatmap_section, samples_section, skipped_section
 from circuitdiff.report.compute import aggregate, group_node
 
 SETTINGS = Settings(n_boot=1000, n_perm=1000, bins=50)
@@ -147,7 +149,7 @@ def test_partial_run_and_mismatched_pair(tmp_path):
     # break one pair: the tuned file has fewer samples
     Wt, mask, _ = _load(run, "tuned", "planted", "0.3")
     write_w(run / "attribution" / "tuned" / "planted" / "alpha=0.3.npz", Wt[:5], Graph(3, "qkv"), np.ones(5), "t")
-    out = build_report(run, Settings(n_boot=200, n_perm=200, entries=("edges",)), out_dir=tmp_path / "rep")
+    out = build(run, Settings(n_boot=200, n_perm=200, entries=("edges",)), tmp_path / "rep", [skipped_section])
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert {(r["dataset"], r["alpha"]) for r in rows} == {("planted", "0.1"), ("null", "0.1")}
@@ -155,9 +157,49 @@ def test_partial_run_and_mismatched_pair(tmp_path):
     assert "base has 8 samples, tuned 5" in (out / "report.html").read_text()
 
 
+def _metrics(out):
+    with open(out / "metrics.csv") as f:
+        return {(r["dataset"], r["alpha"], r["entries"], r["metric"], r["role"]): r for r in csv.DictReader(f)}
+
+
+def test_samples_are_paired_by_question_idx(tmp_path):
+    run = make_run(tmp_path / "run", n=10)
+    settings = Settings(n_boot=200, n_perm=200)
+    builders = [samples_section, skipped_section]  # no figures: faster
+
+    def build_report(run, settings, out_dir):
+        return build(run, settings, out_dir, builders)
+
+    before = _metrics(build_report(run, settings, out_dir=tmp_path / "a"))
+    # store tuned's samples in another order, with their idx: the report must pair them back
+    path = run / "attribution" / "tuned" / "planted" / "alpha=0.1.npz"
+    with np.load(path) as d:
+        W, loss, meta = d["scores"], d["loss"], json.loads(str(d["meta"]))
+    order = np.random.default_rng(0).permutation(10)
+    write_w(path, W[order], Graph(3, "qkv"), loss[order], "t", [meta["idx"][k] for k in order])
+    out = build_report(run, settings, out_dir=tmp_path / "b")
+    after = _metrics(out)
+    assert after.keys() == before.keys()
+    for key, row in before.items():
+        for col in ("value", "ci_low", "ci_high", "p_perm"):
+            if row[col]:
+                assert float(after[key][col]) == pytest.approx(float(row[col]), rel=1e-9, abs=1e-300), (key, col)
+    assert "question idx (tuned reordered)" in (out / "report.html").read_text()
+    # without recorded idx the samples are paired by position, and a shuffled file changes diversity's diff
+    write_w(path, W[order], Graph(3, "qkv"), loss[order], "t", None)
+    shuffled = _metrics(build_report(run, settings, out_dir=tmp_path / "c"))
+    key = ("planted", "0.1", "all", "diversity", "diff")
+    assert shuffled[key]["p_perm"] != before[key]["p_perm"]
+    # different questions: skipped
+    write_w(path, W, Graph(3, "qkv"), loss, "t", [7 + k for k in range(10)])
+    out = build_report(run, settings, out_dir=tmp_path / "d")
+    assert ("planted", "0.1", "all", "diversity", "diff") not in _metrics(out)
+    assert "scored different questions (0 of 10 shared)" in (out / "report.html").read_text()
+
+
 def test_head_granularity_aggregates_heads(tmp_path):
     run = make_run(tmp_path / "run", n=6, n_layers=2, granularity="head", n_heads=4, n_kv_heads=2)
-    out = build_report(run, Settings(n_boot=200, n_perm=200))
+    out = build(run, Settings(n_boot=200, n_perm=200), None, [heatmap_section])
     Wb, mask, src = _load(run, "base", "null", "0.1")
     graph = Graph(2, "head", 4, 2)
     with open(out / "edge_change.csv") as f:

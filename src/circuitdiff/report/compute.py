@@ -73,6 +73,7 @@ class PairResult:
     loss_label: str
     loss_mean: dict[str, float]
     models: dict[str, str]  # role -> model spec, from the W files' meta
+    paired_by: str  # how base and tuned samples were matched
     selection: dict
     comparisons: dict[tuple[str, str], S.Comparison]  # (entries, metric) -> comparison
     ranges: dict[str, tuple[float, float]]  # entries -> histogram range used
@@ -144,10 +145,11 @@ def _n_layers(pair: PairData) -> int:
     return max((l for l in layers if l is not None), default=-1) + 1
 
 
-def _t_cut(selection: dict):
-    for key in ("T_cut", "t_cut", "cut_len"):
-        if key in selection:
-            return selection[key]
+def _t_cut(*sources: dict):
+    for source in sources:
+        for key in ("T_cut", "t_cut", "cut_len"):
+            if key in source:
+                return source[key]
     return None
 
 
@@ -193,7 +195,7 @@ def analyse_pair(pair: PairData, settings: Settings) -> PairResult:
     At, _, _ = aggregate(M.mean_abs(t.scores), b.dst_names, b.src_names)
     gmask, _, _ = aggregate(mask.astype(np.float64), b.dst_names, b.src_names)
 
-    t_cut = _t_cut(pair.selection)
+    t_cut = _t_cut(pair.selection, b.meta)
     loss_conv = b.meta.get("loss", "loss convention not recorded")
     loss_label = f"own-answer NLL, first T_cut={t_cut} tokens" if t_cut is not None else str(loss_conv)
     return PairResult(
@@ -205,6 +207,7 @@ def analyse_pair(pair: PairData, settings: Settings) -> PairResult:
         loss_label=loss_label,
         loss_mean={"base": float(np.mean(b.loss)), "tuned": float(np.mean(t.loss))},
         models={"base": str(b.meta.get("model", "?")), "tuned": str(t.meta.get("model", "?"))},
+        paired_by=pair.paired_by,
         selection=pair.selection,
         comparisons=comparisons,
         ranges=ranges,

@@ -53,6 +53,7 @@ class PairData:
     base: Attr
     tuned: Attr
     selection: dict = field(default_factory=dict)
+    paired_by: str = "position"  # "question idx" when both files record their samples' idx
 
 
 @dataclass
@@ -143,11 +144,43 @@ def pair_problem(base: Attr, tuned: Attr) -> str | None:
     return None
 
 
+def sample_idx(attr: Attr, npz_path: Path) -> list | None:
+    """The question idx of each sample: from the W file's meta, else its sidecar alpha={a}.json."""
+    if isinstance(attr.meta.get("idx"), list):
+        return attr.meta["idx"]
+    sidecar = npz_path.with_suffix(".json")
+    if sidecar.exists():
+        side = io.read_json(sidecar)
+        if isinstance(side, dict) and isinstance(side.get("idx"), list):
+            return side["idx"]
+    return None
+
+
+def align(base: Attr, tuned: Attr, idx_base: list | None, idx_tuned: list | None) -> tuple[str | None, str]:
+    """Put tuned's samples in base's question order (in place). Returns (problem, paired_by)."""
+    if idx_base is None or idx_tuned is None:
+        return None, "position"
+    if len(idx_base) != len(base.scores) or len(idx_tuned) != len(tuned.scores):
+        return "the recorded idx list does not match the number of samples", "position"
+    if idx_base == idx_tuned:
+        return None, "question idx"
+    if sorted(map(str, idx_base)) != sorted(map(str, idx_tuned)) or len(set(map(str, idx_base))) != len(idx_base):
+        shared = len(set(map(str, idx_base)) & set(map(str, idx_tuned)))
+        return f"base and tuned scored different questions ({shared} of {len(idx_base)} shared); re-run attribution", "position"
+    where = {str(q): k for k, q in enumerate(idx_tuned)}
+    order = np.array([where[str(q)] for q in idx_base])
+    tuned.scores, tuned.loss = tuned.scores[order], tuned.loss[order]
+    return None, "question idx (tuned reordered)"
+
+
 def load_pair(ref: PairRef) -> tuple[PairData | None, str | None]:
     """(PairData, None), or (None, reason) when the pair cannot be compared."""
     base, tuned = read_attr(ref.base_path), read_attr(ref.tuned_path)
     problem = pair_problem(base, tuned)
     if problem:
         return None, problem
+    problem, paired_by = align(base, tuned, sample_idx(base, ref.base_path), sample_idx(tuned, ref.tuned_path))
+    if problem:
+        return None, problem
     selection = io.read_json(ref.selection_path) if ref.selection_path else {}
-    return PairData(ref, base, tuned, selection if isinstance(selection, dict) else {}), None
+    return PairData(ref, base, tuned, selection if isinstance(selection, dict) else {}, paired_by), None

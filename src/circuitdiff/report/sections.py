@@ -133,11 +133,14 @@ def node_entropy_section(ctx: ReportContext) -> list[Section]:
 
 
 def samples_section(ctx: ReportContext) -> list[Section]:
-    header = ["dataset", "alpha", "n", "granularity", "mean loss base", "mean loss tuned", "selection"]
+    header = ["dataset", "alpha", "n", "paired by", "granularity", "mean loss base", "mean loss tuned", "selection"]
     rows = []
     for r in ctx.results:
         sel = {k: v for k, v in r.selection.items() if isinstance(v, (int, float, str, bool)) or v is None}
-        rows.append([r.dataset, r.alpha, str(r.n_samples), r.granularity, tables.fmt(r.loss_mean["base"]),
+        for group in ("counts", "settings"):  # filter counts and selection settings, one level deep
+            if isinstance(r.selection.get(group), dict):
+                sel.update({f"{group}.{k}": v for k, v in r.selection[group].items() if not isinstance(v, (dict, list))})
+        rows.append([r.dataset, r.alpha, str(r.n_samples), r.paired_by, r.granularity, tables.fmt(r.loss_mean["base"]),
                      tables.fmt(r.loss_mean["tuned"]), ", ".join(f"{k}={v}" for k, v in sorted(sel.items()))])  # fmt: skip
     return [Section("Samples", "The questions both models answered correctly, selected per dataset and alpha.", [Table(header, rows)])]
 
