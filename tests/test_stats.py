@@ -209,3 +209,20 @@ def test_null_calibration_of_cis_and_permutation_test():
         # binomial(150, 0.05): mean 7.5, sd 2.7; allow a slightly liberal bootstrap at n = 20
         assert ci_hits <= 22, (name, ci_hits)
         assert p_hits <= 16, (name, p_hits)
+
+
+def test_identical_models_give_zero_difference_and_no_arrow(pair):
+    base, _ = pair
+    n = len(base)
+    rng = np.random.default_rng(14)
+    w = S.index_weights(S.bootstrap_indices(n, 300, rng), n)
+    flips, exact = S.sign_flips(n, 300, rng)
+    spec = M.HistogramSpec(bins=12)
+    r = M.shared_range(base)
+    H = M.sample_histograms(base, spec, r)
+    for stat in (S.MeanStatistic(M.kurtosis_per_sample(base), M.kurtosis_per_sample(base)),
+                 S.PooledEntropyStatistic(H, H, "e", spec.eps), S.PairwiseDiversityStatistic(base, base.copy())):  # fmt: skip
+        for ci in S.CI_METHODS:
+            c = S.compare(stat, w, flips, exact, ci=ci)
+            assert c.diff == 0 and c.diff_ci == (0.0, 0.0) and c.arrow == "" and c.p_perm == 1.0
+            assert np.isnan(c.p_wilcoxon) and np.isnan(c.cohen_dz)
