@@ -130,7 +130,7 @@ def attribute(
             raise UserError("no samples given; pass at least one {prompt_ids, answer_ids, cut_len}")
     spec = model if isinstance(model, str) else getattr(model, "spec", type(model).__name__)
     if isinstance(model, str):
-        model = load_model(model, dtype, device)
+        model = load_model(model, dtype, device, tokenizer=False)
     hf_model = model.model if isinstance(model, LoadedModel) else model
 
     engine = EdgeAttributor(hf_model, granularity, gradient_checkpointing)

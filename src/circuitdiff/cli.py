@@ -15,6 +15,7 @@ from circuitdiff.errors import UserError
 COMMAND_MODULES = [
     "circuitdiff.attribute",
     "circuitdiff.run",
+    "circuitdiff.report",
 ]
 
 

@@ -79,12 +79,16 @@ def load_model(
     *,
     trust_remote_code: bool = False,
     attn_implementation: str = "sdpa",
+    tokenizer: bool = True,
 ) -> LoadedModel:
-    """Load `spec` (see module docstring) in `dtype` on `device` ("cpu", "cuda", "cuda:1" or "auto")."""
+    """Load `spec` (see module docstring) in `dtype` on `device` ("cpu", "cuda", "cuda:1" or "auto").
+
+    tokenizer=False skips the tokenizer (attribution works on token ids and needs none).
+    """
     torch_dtype = resolve_dtype(dtype)
     local, info = _materialise(spec)
     if local is not None and (local / "adapter_config.json").exists():
-        loaded = _load_lora(local, torch_dtype, device, trust_remote_code, attn_implementation)
+        loaded = _load_lora(local, torch_dtype, device, trust_remote_code, attn_implementation, tokenizer)
         loaded.spec = spec
         loaded.info.update(info)
         return loaded
@@ -93,7 +97,7 @@ def load_model(
     else:
         path, revision = str(local), None
     try:
-        model, tokenizer = _from_pretrained(path, revision, torch_dtype, device, trust_remote_code, attn_implementation)
+        model, tok = _from_pretrained(path, revision, torch_dtype, device, trust_remote_code, attn_implementation, tokenizer)
     except OSError as err:  # network, auth, missing repo or files: one line, with the fix
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(
@@ -101,7 +105,7 @@ def load_model(
             "or pass a local directory"
         ) from None
     info.update(_describe(model, torch_dtype, device))
-    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, info=info)
+    return LoadedModel(model=model, tokenizer=tok, spec=spec, info=info)
 
 
 def _materialise(spec: str) -> tuple[Path | None, dict]:
@@ -166,7 +170,7 @@ def _strip_quantization(config_path: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2))
 
 
-def _from_pretrained(path, revision, torch_dtype, device, trust_remote_code, attn_implementation):
+def _from_pretrained(path, revision, torch_dtype, device, trust_remote_code, attn_implementation, with_tokenizer):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
@@ -176,11 +180,13 @@ def _from_pretrained(path, revision, torch_dtype, device, trust_remote_code, att
     if device != "auto":
         model.to(device)
     model.eval()
+    if not with_tokenizer:
+        return model, None
     tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     return model, tokenizer
 
 
-def _load_lora(adapter_dir: Path, torch_dtype, device, trust_remote_code, attn_implementation) -> LoadedModel:
+def _load_lora(adapter_dir: Path, torch_dtype, device, trust_remote_code, attn_implementation, tokenizer) -> LoadedModel:
     try:
         from peft import PeftModel
     except ImportError:
@@ -189,7 +195,7 @@ def _load_lora(adapter_dir: Path, torch_dtype, device, trust_remote_code, attn_i
     if not base_spec:
         raise UserError(f"{adapter_dir}/adapter_config.json names no base_model_name_or_path; add the base model's spec")
     base = load_model(base_spec, torch_dtype, device, trust_remote_code=trust_remote_code,
-                      attn_implementation=attn_implementation)
+                      attn_implementation=attn_implementation, tokenizer=tokenizer)
     merged = PeftModel.from_pretrained(base.model, str(adapter_dir)).merge_and_unload()
     merged.eval()
     info = dict(base.info)
