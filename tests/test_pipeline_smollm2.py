@@ -14,8 +14,8 @@ from pipeline_helpers import write_gsm8k_file
 
 pytestmark = pytest.mark.smollm
 
-QUESTIONS = ["What is 2 plus 3?", "What is 10 minus 4?", "What is 3 times 3?", "What is 7 plus 1?"]
-GOLDS = ["5", "6", "9", "8"]
+QUESTIONS = ["What is 2 plus 3?", "What is 10 minus 4?", "What is 3 times 3?"]
+GOLDS = ["5", "6", "9"]
 
 
 def test_smollm2_self_pair_end_to_end(tmp_path):
@@ -23,7 +23,7 @@ def test_smollm2_self_pair_end_to_end(tmp_path):
     cfg = parse_config({
         "base": "smollm2-135m-instruct", "tuned": "smollm2-135m-instruct",
         "datasets": [{"name": "gsm8k", "source": str(data)}], "alphas": [0.1],
-        "max_new_tokens": 48, "gen_batch_size": 4, "attr_batch_size": 2, "instruction": "",
+        "max_new_tokens": 40, "gen_batch_size": 4, "attr_batch_size": 4, "instruction": "",
     })
     run = tmp_path / "run"
     log = []
