@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "circuitdiff.attribute",
     "circuitdiff.run",
     "circuitdiff.report",
+    "circuitdiff.validate",
 ]
 
 
