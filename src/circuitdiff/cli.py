@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "circuitdiff.run",
     "circuitdiff.report",
     "circuitdiff.validate",
+    "circuitdiff.intervene",
 ]
 
 

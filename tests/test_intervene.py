@@ -1,0 +1,220 @@
+"""Edge interventions (`circuitdiff intervene`) on tiny float64 models, against independent computations.
+
+Scaling edge u->d by c (d receives x_d - (1-c)*O_u, O_u from the same forward) is exactly the
+gated oracle of tests/oracle.py with that edge's gate set to c: the oracle builds every
+destination input as sum_u gate[d,u] * O_u with O_u computed in the same (gated) pass.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_validate import _tiny_run, composed, gated_loss, naive
+from tiny import tiny_model, tiny_samples
+
+import oracle
+from circuitdiff.attribute import attribute
+from circuitdiff.cli import main
+from circuitdiff.errors import UserError
+from circuitdiff.intervene import (
+    choose_targeted,
+    generate_with_edits,
+    intervene,
+    losses_with_edits,
+    paired_effects,
+    random_draws,
+    top_edges,
+)
+from circuitdiff.validate import Edge, EdgeEditor, all_edges, exact_edge_effects
+
+EOS = 0  # tiny_samples draws ids from 1..60; a generated 0 ends an answer
+
+
+def test_factor_one_changes_nothing():
+    model = tiny_model("llama", exact=False)
+    editor = EdgeEditor(model, "qkv")
+    edits = [(e, 0.0) for e in all_edges(editor.graph)[::5]]  # factor 1 -> coefficient 1 - 1 = 0
+    ids = torch.tensor([tiny_samples(21, 1)[0]["prompt_ids"]])
+    plain = model(ids).logits
+    with editor.edits(edits):
+        hooked = model(ids).logits
+    assert torch.equal(plain, hooked)
+    prompts = [s["prompt_ids"] for s in tiny_samples(22, 3)]
+    same = generate_with_edits(model, editor, prompts, edits, eos_ids=[EOS], max_new_tokens=6)
+    none = generate_with_edits(model, editor, prompts, [], eos_ids=[EOS], max_new_tokens=6)
+    assert [g.answer_ids for g in same] == [g.answer_ids for g in none]
+    assert all(len(g.answer_ids) > 0 for g in none)
+
+
+def test_factor_zero_on_one_edge_equals_the_exact_ablation():
+    model = tiny_model("qwen2")
+    samples = tiny_samples(23, 3)
+    editor = EdgeEditor(model, "block")
+    for edge in (Edge("embed", "attn.1"), Edge("attn.2", "mlp.2"), Edge("mlp.0", "logits")):
+        dL, clean = exact_edge_effects(model, samples, [edge], batch_size=2)
+        loss = losses_with_edits(model, editor, samples, [(edge, 1.0)], batch_size=3)  # padded batch of 3
+        np.testing.assert_allclose(loss, clean + dL[:, 0], rtol=0, atol=1e-10)
+        assert np.abs(dL).max() > 1e-4
+
+
+@pytest.mark.parametrize("arch,granularity", [("llama", "head"), ("qwen3", "qkv"), ("gemma2", "block")])
+def test_several_scaled_edges_equal_the_gated_oracle(arch, granularity):
+    """Chained edges (an edited source feeding another edited edge) use the source's edited output."""
+    model = tiny_model(arch)
+    editor = EdgeEditor(model, granularity)
+    edges = all_edges(editor.graph)
+    chosen = [edges[0], edges[len(edges) // 3], edges[len(edges) // 2], edges[-2]]
+    factor = 0.3
+    samples = tiny_samples(24, 2)
+    loss = losses_with_edits(model, editor, samples, [(e, 1 - factor) for e in chosen])
+    gates = {(e.dst, e.src): factor for e in chosen}
+    for k, sample in enumerate(samples):
+        expected = composed(model, sample, gates) if arch.startswith("gemma") else naive(model, sample, gates, granularity)
+        plain = composed(model, sample, {}) if arch.startswith("gemma") else naive(model, sample, {}, granularity)
+        assert abs(loss[k] - expected) < 1e-10
+        assert abs(expected - plain) > 1e-5
+
+
+def _oracle_greedy(model, prompt, gates, max_new_tokens, granularity="block"):
+    """Greedy decoding without a cache: the whole sequence through the gated oracle at every step.
+
+    Stops at EOS (the caller clears the model's generation_config EOS ids).
+    """
+    stop = {EOS}
+
+    class Preset(oracle.Gates):
+        def __init__(self, graph, dtype):
+            super().__init__(graph, dtype)
+            with torch.no_grad():
+                for (dst, src), value in gates.items():
+                    self.values[graph.dst_index[dst], graph.src_index[src]] = value
+
+    original, oracle.Gates = oracle.Gates, Preset
+    try:
+        seq, out = list(prompt), []
+        for _ in range(max_new_tokens):
+            sample = {"prompt_ids": seq, "answer_ids": [1], "cut_len": 1}
+            _, _, logits = oracle.naive_gated_forward(model, [sample], granularity)
+            token = int(logits[0, len(seq) - 1].argmax())
+            if token in stop:
+                break
+            out.append(token)
+            seq.append(token)
+        return out
+    finally:
+        oracle.Gates = original
+
+
+def test_generation_with_cache_equals_no_cache_recomputation():
+    model = tiny_model("llama")
+    model.generation_config.eos_token_id = None  # only EOS ends an answer
+    editor = EdgeEditor(model, "block")
+    edges = all_edges(editor.graph)
+    chosen = [edges[0], edges[14], edges[-1]]  # embed->attn.0, mlp.1->attn.2, mlp.2->logits
+    prompts = [s["prompt_ids"] for s in tiny_samples(25, 3)]  # different lengths: left padding in the batch
+    gens = generate_with_edits(model, editor, prompts, [(e, 1.0) for e in chosen], eos_ids=[EOS], max_new_tokens=7)
+    plain = generate_with_edits(model, editor, prompts, [], eos_ids=[EOS], max_new_tokens=7)
+    for prompt, gen in zip(prompts, gens):
+        assert gen.answer_ids == _oracle_greedy(model, prompt, {(e.dst, e.src): 0.0 for e in chosen}, 7)
+    assert [g.answer_ids for g in gens] != [g.answer_ids for g in plain], "the intervention changes no token: vacuous"
+
+
+def test_intervene_effects_and_paired_bootstrap():
+    model = tiny_model("llama")
+    samples = tiny_samples(26, 6)
+    questions = [{"prompt_ids": s["prompt_ids"], "gold": str(s["answer_ids"][0]), "kind": "numeric"} for s in samples]
+    targeted = ["embed->attn.1", "attn.0->mlp.0"]
+    result = intervene(model, targeted, factor=0.0, loss_samples=samples, questions=questions, random=3, seed=1,
+                       eos_ids=[EOS], decode=lambda ids: " ".join(map(str, ids)), max_new_tokens=3, n_boot=500)
+    loss = result.effects["loss"]
+    none, tgt = np.array(result.loss["none"]), np.array(result.loss["targeted"])
+    assert loss["targeted_minus_none"]["mean"] == pytest.approx(float((tgt - none).mean()))
+    rnd = np.array(result.loss["random"]).mean(0)
+    assert loss["targeted_minus_random"]["mean"] == pytest.approx(float((tgt - rnd).mean()))
+    lo, hi = loss["targeted_minus_none"]["ci"]
+    assert lo <= loss["targeted_minus_none"]["mean"] <= hi and lo < hi
+    assert len(result.random) == 3 and all(len(d) == 2 and not set(d) & set(result.targeted) for d in result.random)
+    acc = result.effects["accuracy"]
+    assert set(np.unique(result.correct["none"])) <= {0.0, 1.0} and acc["n"] == 6
+    # the unmodified loss is the engine's loss
+    np.testing.assert_allclose(none, attribute(model, samples).loss, rtol=1e-12)
+
+
+def test_paired_bootstrap_by_hand():
+    none = np.array([1.0, 2.0, 3.0, 4.0])
+    values = {"none": none, "targeted": none + 1.0, "random": np.stack([none, none + 0.5])}
+    out = paired_effects(values, n_boot=200)
+    # constant paired differences: every resample gives the same mean, so the CI is a point
+    assert out["targeted_minus_none"] == {"mean": 1.0, "ci": [1.0, 1.0]}
+    assert out["random_minus_none"]["mean"] == pytest.approx(0.25)
+    assert out["targeted_minus_random"]["ci"] == pytest.approx([0.75, 0.75])
+    assert out["random_draw_effects"] == [0.0, 0.5]
+
+
+def test_bad_input_is_a_user_error():
+    model = tiny_model("llama")
+    graph = EdgeEditor(model, "block").graph
+    edges = all_edges(graph)
+    with pytest.raises(UserError, match="unknown source"):
+        intervene(model, ["attn.9->logits"], loss_samples=tiny_samples(1, 1))
+    with pytest.raises(UserError, match="number of real edges"):
+        top_edges(np.ones(len(edges)), edges, len(edges) + 1)
+    with pytest.raises(UserError, match="random control"):
+        random_draws(edges, edges[:3], len(edges) - 2, 1)
+
+
+def test_top_and_top_grown_from_run_files(tmp_path):
+    from circuitdiff import rundir
+
+    model, run, rows = _tiny_run(tmp_path)
+    samples = [{"prompt_ids": r["prompt_ids"], "answer_ids": r["answer_ids"], "cut_len": 2} for r in rows[:3]]
+    base = attribute(model, samples)
+    tuned = attribute(model, samples)
+    tuned.scores = tuned.scores.copy()
+    g = EdgeEditor(model, "block").graph
+    d, u = g.dst_index["mlp.1"], g.src_index["attn.0"]
+    tuned.scores[:, d, u] += 100.0  # this edge grows most
+    base.save(rundir.attribution(run, "base", "gsm8k", 0.1))
+    tuned.save(rundir.attribution(run, "tuned", "gsm8k", 0.1))
+    graph_of = lambda gran: EdgeEditor(model, gran).graph  # noqa: E731
+    grown, how, gran = choose_targeted(run, "tuned", "gsm8k", 0.1, "top-grown", 1, graph_of)
+    assert grown == [Edge("attn.0", "mlp.1")] and "mean|W_tuned| - mean|W_base|" in how and gran == "block"
+    top, _, _ = choose_targeted(run, "base", "gsm8k", 0.1, "top", 3, graph_of)
+    mean_abs = np.abs(base.scores).mean(0)
+    expected = sorted(((mean_abs[g.dst_index[e.dst], g.src_index[e.src]], e) for e in all_edges(g)), key=lambda t: -t[0])[:3]
+    assert top == [e for _, e in expected]
+    with pytest.raises(UserError, match="number of real edges"):
+        choose_targeted(run, "tuned", "gsm8k", 0.1, "top", 999, graph_of)
+    with pytest.raises(UserError, match="does not exist"):
+        choose_targeted(run, "tuned", "gsm8k", 0.3, "top", 3, graph_of)
+
+
+def test_cli_loss_only_writes_json(tmp_path, capsys):
+    from circuitdiff import rundir
+
+    model, run, rows = _tiny_run(tmp_path)
+    attribute(model, [{"prompt_ids": r["prompt_ids"], "answer_ids": r["answer_ids"], "cut_len": 2} for r in rows]).save(
+        rundir.attribution(run, "tuned", "gsm8k", 0.1))
+    capsys.readouterr()
+    code = main(["intervene", "--run", str(run), "--dataset", "gsm8k", "--alpha", "0.1", "--edges", "top", "--k", "2",
+                 "--n-random", "2", "--no-accuracy"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "targeted - random" in out and "paired-bootstrap" in out
+    data = json.loads((run / "intervention" / "tuned" / "gsm8k" / "alpha=0.1" / "top_k=2_factor=0.0.json").read_text())
+    assert len(data["targeted_edges"]) == 2 and len(data["random_edges"]) == 2
+    assert len(data["per_question"]["loss"]["none"]) == 4 and data["per_question"]["correct"] is None
+    assert data["meta"]["T_cut"] == 2 and "x_d - (1-c)*O_u" in data["conventions"]["intervention"]
+    cases = [
+        (["--edges", "attn.0->attn.0"], "does not exist"),
+        (["--edges", "top", "--k", "500"], "number of real edges"),
+        (["--alpha", "0.5"], "does not exist"),
+    ]
+    for extra, needle in cases:
+        argv = ["intervene", "--run", str(run), "--dataset", "gsm8k", "--alpha", "0.1", "--no-accuracy"]
+        assert main(argv + extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' loading bar, if any
+        assert err.startswith("circuitdiff: error:") and needle in err, err
