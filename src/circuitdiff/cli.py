@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "circuitdiff.attribute",
     "circuitdiff.run",
     "circuitdiff.report",
+    "circuitdiff.lab.train",
     "circuitdiff.validate",
     "circuitdiff.intervene",
 ]
