@@ -226,3 +226,29 @@ def test_identical_models_give_zero_difference_and_no_arrow(pair):
             c = S.compare(stat, w, flips, exact, ci=ci)
             assert c.diff == 0 and c.diff_ci == (0.0, 0.0) and c.arrow == "" and c.p_perm == 1.0
             assert np.isnan(c.p_wilcoxon) and np.isnan(c.cohen_dz)
+
+
+def test_accuracy_difference_against_hand_counts_and_a_plain_bootstrap():
+    from circuitdiff.stats import accuracy_difference
+
+    base = np.array([1, 1, 0, 0, 0, 1, 0, 0, 0, 0], dtype=bool)
+    tuned = np.array([1, 0, 1, 1, 1, 1, 0, 1, 0, 0], dtype=bool)
+    r = accuracy_difference(base, tuned, n_boot=4000, seed=3)
+    assert (r.base, r.tuned, r.diff) == (0.3, 0.6, pytest.approx(0.3))
+    assert (r.base_only, r.tuned_only) == (1, 4)
+    # exact McNemar: two-sided binomial tail of 4 successes in 5 at p = 1/2 = 2 * (5 + 1) / 32
+    assert r.p_mcnemar == pytest.approx(12 / 32)
+    # an independent loop bootstrap with the same generator draws the same resamples
+    rng = np.random.default_rng(3)
+    draws = rng.integers(0, 10, size=(4000, 10))
+    diffs = [tuned[d].mean() - base[d].mean() for d in draws]
+    assert r.diff_ci == pytest.approx(tuple(np.percentile(diffs, [2.5, 97.5])))
+    assert r.diff_ci[0] < r.diff < r.diff_ci[1]
+
+
+def test_accuracy_difference_of_identical_models_is_zero_with_p_one():
+    from circuitdiff.stats import accuracy_difference
+
+    x = np.array([1, 0, 1, 1, 0], dtype=bool)
+    r = accuracy_difference(x, x, n_boot=200)
+    assert r.diff == 0 and r.diff_ci == (0.0, 0.0) and r.p_mcnemar == 1.0

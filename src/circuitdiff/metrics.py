@@ -142,14 +142,20 @@ def distribution_kurtosis(X: np.ndarray) -> float:
 
 
 # ------------------------------------------------------------- Diversity
-def correlation_matrix(X: np.ndarray) -> np.ndarray:
-    """[n, n] Pearson correlation between the rows of X (flattened W of each sample); nan for a constant row."""
+def _standardized_rows(X: np.ndarray) -> np.ndarray:
     Xc = X - X.mean(axis=1, keepdims=True)
     norm = np.sqrt((Xc**2).sum(axis=1))
     with np.errstate(invalid="ignore", divide="ignore"):
         Z = Xc / norm[:, None]
     Z[~np.isfinite(Z)] = np.nan
-    C = Z @ Z.T
+    return Z
+
+
+def correlation_matrix(X: np.ndarray, Y: np.ndarray | None = None) -> np.ndarray:
+    """[n, m] Pearson correlation between the rows of X and those of Y (default Y = X; rows are the
+    flattened W of each sample); nan for a constant row. The same inputs give bit-identical output."""
+    Z = _standardized_rows(X)
+    C = Z @ (Z if Y is None else _standardized_rows(Y)).T
     np.clip(C, -1.0, 1.0, out=C)
     return C
 
