@@ -218,3 +218,29 @@ def test_cli_loss_only_writes_json(tmp_path, capsys):
         assert main(argv + extra) == 2
         err = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' loading bar, if any
         assert err.startswith("circuitdiff: error:") and needle in err, err
+
+
+def test_report_section_shows_validation_and_intervention(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from circuitdiff import rundir
+    from circuitdiff.report import Settings, build_report
+    from circuitdiff.report.validation import validation_section
+
+    model, run, rows = _tiny_run(tmp_path)
+    assert validation_section(SimpleNamespace(run_dir=run)) == []  # no result files: no section
+    samples = [{"prompt_ids": r["prompt_ids"], "answer_ids": r["answer_ids"], "cut_len": 2} for r in rows[:3]]
+    for role in ("base", "tuned"):
+        attribute(model, samples).save(rundir.attribution(run, role, "gsm8k", 0.1))
+    common = ["--run", str(run), "--dataset", "gsm8k", "--alpha", "0.1"]
+    assert main(["validate", *common, "--batch-size", "8"]) == 0
+    assert main(["intervene", *common, "--edges", "top-grown", "--k", "2", "--n-random", "2", "--no-accuracy"]) == 0
+    validation = json.loads((run / "validation" / "tuned" / "gsm8k" / "alpha=0.1.json").read_text())
+    out = build_report(run, Settings(n_boot=100, n_perm=100))
+    page = (out / "report.html").read_text()
+    assert "EAP vs exact edge ablation" in page and "Edge interventions" in page
+    assert f"{validation['summary']['spearman']:.3f}"[:4] in page
+    assert (out / "fig_validation_tuned_gsm8k_alpha=0.1.png").read_bytes()[:4] == b"\x89PNG"
+    (run / "intervention" / "tuned" / "gsm8k" / "alpha=0.1" / "broken.json").write_text("{")
+    sections = validation_section(SimpleNamespace(run_dir=run))
+    assert "broken.json" in sections[1].text and len(sections[1].blocks[0].rows) == 1

@@ -289,8 +289,9 @@ def summary_line(result: Intervention) -> str:
         text = (f"{metric} (unmodified {e['mean_none']:.4f}{' ' + unit if unit else ''}, n={e['n']}): targeted "
                 f"{t['mean']:+.4f} [{t['ci'][0]:+.4f}, {t['ci'][1]:+.4f}]")
         if r is not None:
-            text += (f", random {r['mean']:+.4f} [{r['ci'][0]:+.4f}, {r['ci'][1]:+.4f}], targeted - random "
-                     f"{tr['mean']:+.4f} [{tr['ci'][0]:+.4f}, {tr['ci'][1]:+.4f}]")
+            draws = e["random_draw_effects"]
+            text += (f", random {r['mean']:+.4f} [{r['ci'][0]:+.4f}, {r['ci'][1]:+.4f}] (draws {min(draws):+.4f} .. "
+                     f"{max(draws):+.4f}), targeted - random {tr['mean']:+.4f} [{tr['ci'][0]:+.4f}, {tr['ci'][1]:+.4f}]")
         parts.append(text)
     return "; ".join(parts) + " (effects vs the unmodified model, 95% paired-bootstrap CIs over questions)"
 

@@ -16,6 +16,7 @@ from circuitdiff.report import figures, tables
 from circuitdiff.report.compute import PairResult, Settings
 from circuitdiff.report.html import Figure, Section, Table
 from circuitdiff.report.rundir import RunIndex
+from circuitdiff.report.validation import validation_section
 
 
 @dataclass
@@ -176,6 +177,7 @@ SECTION_BUILDERS: list[Callable[[ReportContext], list[Section]]] = [
     diversity_section,
     node_entropy_section,
     samples_section,
+    validation_section,
     manifest_section,
     skipped_section,
 ]
