@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "circuitdiff.run",
     "circuitdiff.report",
     "circuitdiff.lab.train",
+    "circuitdiff.lab.track",
     "circuitdiff.validate",
     "circuitdiff.intervene",
 ]

@@ -352,6 +352,9 @@ def register_cli(subparsers) -> None:
     p.add_argument("--dtype", default=d.dtype)
     p.add_argument("--device", default=d.device)
     p.add_argument("--out", required=True, help="output dir (checkpoint-{step}/, final/, train.json)")
+    p.add_argument("--track-dataset", help="track each checkpoint as it is saved (`circuitdiff track` on this test set)")
+    p.add_argument("--track-limit", type=int, help="track on the first n test problems")
+    p.add_argument("--track-out", help="tracking output dir (default OUT/track)")
     p.set_defaults(func=_run_cli)
 
 
@@ -364,6 +367,12 @@ def _run_cli(args) -> int:
         num_generations=args.num_generations, dpo_samples=args.dpo_samples, dpo_beta=args.dpo_beta,
         batch_size=args.batch_size, gradient_checkpointing=args.gradient_checkpointing, dtype=args.dtype, device=args.device,
     )
-    final = train(settings, args.out)
+    callbacks = []
+    if args.track_dataset:
+        from circuitdiff.lab.track import TrackCallback, TrackSettings
+
+        callbacks.append(TrackCallback(TrackSettings(dataset=args.track_dataset, limit=args.track_limit,
+                                                     device=args.device), out=args.track_out))
+    final = train(settings, args.out, callbacks=callbacks)
     print(f"wrote {final} (LoRA adapter; checkpoints in {args.out}/checkpoint-*; settings in {args.out}/train.json)")
     return 0

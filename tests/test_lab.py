@@ -1,0 +1,364 @@
+"""The lab: reward, DPO pairs, SFT targets, tiny SFT/GRPO/DPO runs (checkpoints, resume) and tracking."""
+
+import json
+import math
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats as sps
+from transformers import TrainerCallback
+
+from circuitdiff import rundir
+from circuitdiff.cli import build_parser
+from circuitdiff.cli import main as cli_main
+from circuitdiff.data import Problem, _arith_rows
+from circuitdiff.errors import UserError
+from circuitdiff.generate import HFBackend, read_rows
+from circuitdiff.grade import extract_answer, grade, is_correct
+from circuitdiff.io import read_json, write_jsonl
+from circuitdiff.lab.reward import reward, trl_reward
+from circuitdiff.lab.track import TrackCallback, TrackSettings
+from circuitdiff.lab.train import TrainSettings, build_dpo_pairs, checkpoints, gold_solution, train
+from circuitdiff.models import load_model
+from circuitdiff.prompts import encode
+from pipeline_helpers import save_tiny_lm, write_gsm8k_file
+
+MAX_NEW = 16
+N_QUESTIONS = 8
+QUIET = lambda *a: None  # noqa: E731
+
+
+# ---------------------------------------------------------------------- reward
+
+@pytest.mark.parametrize("text, gold, expected", [
+    ("so 7 + 9 = 16, \\boxed{16}", "16", 3.0),                      # correct, boxed
+    ("\\boxed{8}", "10", -0.5 + 2.0 * (1 - 2 / 10)),                # |8-10|/10 = 0.2 -> 1.1
+    ("\\boxed{15}", "10", 0.5),                                      # dev 0.5 -> -0.5 + 2*0.5
+    ("\\boxed{25}", "10", -0.5),                                     # dev 1.5: no credit left
+    ("the answer is -8", "-6", -0.5 + 2.0 * (1 - 2 / 6)),            # negative gold: dev 1/3 -> 0.8333
+    ("I do not know.", "16", -0.5),                                  # no number
+    ("\\boxed{many}", "16", -0.5),                                   # not a number
+    ("\\boxed{0}", "0", 3.0),                                        # gold 0, correct
+    ("\\boxed{0.25}", "0", 1.0),                                     # gold 0: dev = |pred| = 0.25
+    ("\\boxed{2}", "0", -0.5),                                       # gold 0: dev 2
+    ("\\boxed{1,080}", "1080", 3.0),                                 # thousands comma
+    ("the answer is 1,000", "1080", -0.5 + 2.0 * (1 - 80 / 1080)),   # comma, partial: 1.35185...
+    ("\\boxed{\\frac{1}{2}}", "0.5", 3.0),                           # fraction equal to the gold
+    ("\\boxed{\\frac{3}{4}}", "1", 1.0),                             # fraction, dev 0.25
+    ("\\boxed{3/4}", "1", 1.0),
+])
+def test_reward_hand_cases(text, gold, expected):
+    assert reward(text, gold) == pytest.approx(expected, abs=1e-12)
+
+
+def test_reward_trl_form_and_bounds():
+    got = trl_reward(["\\boxed{4}", [{"role": "assistant", "content": "it is \\boxed{5}"}], "no idea"],
+                     gold=["4", "4", "4"], kind=["numeric"] * 3)
+    assert got == pytest.approx([3.0, -0.5 + 2.0 * 0.75, -0.5])
+    # a near miss never earns what a correct answer earns
+    assert reward("\\boxed{1000.5}", "1000") < 1.5 < 3.0
+
+
+# ---------------------------------------------------------------------- DPO pairs
+
+def _samples():
+    return [
+        {"prompt": "p0", "idx": 0, "completions": ["a", "b", "c", "d", "e"], "correct": [True, False, True, False, False]},
+        {"prompt": "p1", "idx": 1, "completions": ["f", "g"], "correct": [True, True]},
+        {"prompt": "p2", "idx": 2, "completions": ["h", "i"], "correct": [False, False]},
+        {"prompt": "p3", "idx": 3, "completions": ["j", "k"], "correct": [False, True]},
+        {"prompt": "p4", "idx": 4, "completions": ["same", "same"], "correct": [True, False]},
+    ]
+
+
+def test_build_dpo_pairs():
+    samples = _samples()
+    right = {s["idx"]: {c for c, ok in zip(s["completions"], s["correct"]) if ok} for s in samples}
+    wrong = {s["idx"]: {c for c, ok in zip(s["completions"], s["correct"]) if not ok} for s in samples}
+    for max_pairs, per_question in ((2, {0: 2, 3: 1}), (1, {0: 1, 3: 1}), (5, {0: 2, 3: 1})):
+        pairs = build_dpo_pairs(samples, max_pairs=max_pairs, seed=0)
+        counts = {i: sum(p["idx"] == i for p in pairs) for i in {p["idx"] for p in pairs}}
+        assert counts == per_question  # only questions with a right and a wrong answer; never chosen == rejected
+        for p in pairs:
+            assert p["prompt"] == f"p{p['idx']}"
+            assert p["chosen"] in right[p["idx"]] and p["rejected"] in wrong[p["idx"]]
+        q0 = [p for p in pairs if p["idx"] == 0]
+        assert len({p["chosen"] for p in q0}) == len(q0) and len({p["rejected"] for p in q0}) == len(q0)
+    assert build_dpo_pairs(samples, 2, seed=7) == build_dpo_pairs(samples, 2, seed=7)
+    draws = {json.dumps(build_dpo_pairs(samples, 1, seed=s)) for s in range(12)}
+    assert len(draws) > 1  # the seed picks which completions are paired
+    assert build_dpo_pairs([s for s in samples if s["idx"] in (1, 2)]) == []
+
+
+# ---------------------------------------------------------------------- SFT targets
+
+def test_gold_solution_gsm8k_and_arith():
+    raw = {"question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips "
+                       "in May. How many clips did Natalia sell altogether in April and May?",
+           "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips "
+                     "altogether in April and May.\n#### 72"}
+    text = gold_solution("gsm8k", raw, Problem(0, raw["question"], "72", "numeric"))
+    assert text == ("Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether in April and May."
+                    "\nThe final answer is \\boxed{72}.")
+    assert "<<" not in text and "####" not in text and grade(text, "72").correct and reward(text, "72") == 3.0
+
+    row = _arith_rows("train")[0]
+    problem = Problem(0, row["question"], "-6", "numeric")
+    assert row["expression"] == "3 - 9"
+    text = gold_solution("arith", row, problem)
+    assert text == "3 - 9 = -6\nThe final answer is \\boxed{-6}." and text.endswith("\\boxed{-6}.")
+    assert grade(text, "-6").correct
+    with pytest.raises(UserError, match="worked solutions"):
+        gold_solution("svamp", {}, problem)
+
+
+# ---------------------------------------------------------------------- training
+
+class StepCounter(TrainerCallback):
+    def __init__(self):
+        self.steps = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_lora_trained(ckpt: Path, base_spec: str, base_weights: dict) -> dict:
+    """The checkpoint names its base, loads merged, differs from the base in LoRA-targeted weights only."""
+    assert read_json(ckpt / "adapter_config.json")["base_model_name_or_path"] == base_spec
+    loaded = load_model(str(ckpt), "float32")
+    assert loaded.info["lora_adapter"] == str(ckpt)
+    weights = _weights(loaded.model)
+    assert weights.keys() == base_weights.keys()
+    changed = {k for k in weights if not torch.equal(weights[k], base_weights[k])}
+    assert "model.layers.0.self_attn.q_proj.weight" in changed
+    assert (weights["model.layers.0.self_attn.q_proj.weight"]
+            - base_weights["model.layers.0.self_attn.q_proj.weight"]).abs().max() > 1e-6
+    assert all(k.split(".")[-2] in TrainSettings("sft").lora_targets for k in changed)  # embeddings, norms untouched
+    return weights
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny base, a test file whose golds are the base's own greedy answers (one wrong), a GRPO run tracked
+    during training by TrackCallback."""
+    root = tmp_path_factory.mktemp("lab")
+    base = save_tiny_lm(root / "base")
+    loaded = load_model(str(base), "float32")
+    qs = [f"Calculate {i} + {i + 1}." for i in range(N_QUESTIONS)]
+    gens = HFBackend(loaded.model, loaded.tokenizer, MAX_NEW).generate([encode(q, loaded.tokenizer, "chat") for q in qs])
+    preds = [extract_answer(loaded.tokenizer.decode(g.answer_ids, skip_special_tokens=True)) for g in gens]
+    golds = [p.replace(",", "") if p is not None and i != N_QUESTIONS - 1 else "99999" for i, p in enumerate(preds)]
+    assert sum(g != "99999" for g in golds) >= 4
+    data = write_gsm8k_file(root / "qa.jsonl", golds, qs)
+    settings = TrackSettings(dataset="gsm8k", source=str(data), max_new_tokens=MAX_NEW, n_boot=200, device="cpu")
+    out = root / "grpo"
+    log: list[str] = []
+    train(TrainSettings("grpo", base=str(base), dataset="arith", limit=4, steps=2, save_every=1, seed=1,
+                        questions_per_step=2, num_generations=3, max_completion_length=6, device="cpu"),
+          out, callbacks=[TrackCallback(settings, log=log.append)], log=QUIET)
+    return SimpleNamespace(root=root, base=base, base_weights=_weights(loaded.model), data=data, golds=golds,
+                           settings=settings, out=out, log=log)
+
+
+def test_grpo_checkpoints(world):
+    assert [s for s, _ in checkpoints(world.out)] == [1, 2]
+    record = read_json(world.out / "train.json")
+    assert record["settings"]["algorithm"] == "grpo" and "DAPO" in record["conventions"]["algorithm"]
+    assert all(h["grad_norm"] > 0 for h in record["log_history"] if "grad_norm" in h)
+    w1 = assert_lora_trained(world.out / "checkpoint-1", str(world.base), world.base_weights)
+    w2 = assert_lora_trained(world.out / "checkpoint-2", str(world.base), world.base_weights)
+    assert not torch.equal(w1["model.layers.0.self_attn.q_proj.weight"], w2["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_grpo_rerun_resumes(world, tmp_path):
+    """A run killed after checkpoint-1 resumes from it: only step 2 is trained again."""
+    out = tmp_path / "grpo"
+    shutil.copytree(world.out, out, ignore=shutil.ignore_patterns("track", "checkpoint-2", "final"))
+    kept = {p: p.read_bytes() for p in (out / "checkpoint-1").iterdir()}
+    counter, log = StepCounter(), []
+    train(TrainSettings("grpo", base=str(world.base), dataset="arith", limit=4, steps=2, save_every=1, seed=1,
+                        questions_per_step=2, num_generations=3, max_completion_length=6, device="cpu"),
+          out, callbacks=[counter], log=log.append)
+    assert counter.steps == [2]
+    assert any("resuming from" in line and "checkpoint-1" in line for line in log)
+    assert [s for s, _ in checkpoints(out)] == [1, 2]
+    assert {p: p.read_bytes() for p in (out / "checkpoint-1").iterdir()} == kept
+
+
+def _rerun_does_nothing(settings: TrainSettings, out: Path) -> None:
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("checkpoint-*/*")}
+    counter = StepCounter()
+    train(settings, out, callbacks=[counter], log=QUIET)
+    assert counter.steps == []
+    assert {p: p.stat().st_mtime_ns for p in out.glob("checkpoint-*/*")} == stamps
+
+
+def test_sft_tiny(world, tmp_path):
+    settings = TrainSettings("sft", base=str(world.base), dataset="arith", limit=4, steps=2, save_every=1,
+                             batch_size=2, device="cpu")
+    train(settings, tmp_path / "sft", log=QUIET)
+    assert [s for s, _ in checkpoints(tmp_path / "sft")] == [1, 2]
+    for step in (1, 2):
+        assert_lora_trained(tmp_path / "sft" / f"checkpoint-{step}", str(world.base), world.base_weights)
+    _rerun_does_nothing(settings, tmp_path / "sft")
+
+
+def test_dpo_tiny(world, tmp_path):
+    settings = TrainSettings("dpo", base=str(world.base), dataset="arith", limit=4, steps=2, save_every=1,
+                             batch_size=2, dpo_samples=2, max_completion_length=8, device="cpu")
+    # the random tiny model answers nothing right: no pair can be built from its own samples
+    with pytest.raises(UserError, match="no question had both a correct and a wrong sampled answer"):
+        train(settings, tmp_path / "nopairs", log=QUIET)
+    # pairs cached in OUT/dpo_pairs.jsonl (as a first run writes them) are used as they are
+    samples = [{"prompt": "Q: Calculate 3 - 9.\nA:", "idx": 0, "completions": [" \\boxed{-6}", " 12", " 3 - 9 = -6"],
+                "correct": [True, False, True]},
+               {"prompt": "Q: Calculate 7 + 9.\nA:", "idx": 2, "completions": [" 5", " 7 + 9 = 16"],
+                "correct": [False, True]}]
+    pairs = [{**p, "chosen": p["chosen"] + "<eos>", "rejected": p["rejected"] + "<eos>"}
+             for p in build_dpo_pairs(samples, seed=0)]
+    out = tmp_path / "dpo"
+    write_jsonl(out / "dpo_pairs.jsonl", pairs)
+    train(settings, out, log=QUIET)
+    assert [s for s, _ in checkpoints(out)] == [1, 2]
+    for step in (1, 2):
+        assert_lora_trained(out / f"checkpoint-{step}", str(world.base), world.base_weights)
+    _rerun_does_nothing(settings, out)
+
+
+# ---------------------------------------------------------------------- tracking
+
+def _csv(path: Path) -> list[dict]:
+    import csv
+
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def _entropy(values: np.ndarray, lo: float, hi: float, bins: int = 100, eps: float = 1e-12) -> float:
+    counts, _ = np.histogram(values, bins=bins, range=(lo, hi))
+    p = counts / counts.sum()
+    p = p[p > 0]
+    return float(-(p * np.log(p + eps)).sum())
+
+
+def test_track_during_training_then_cli_resume(world, capsys):
+    out = world.out / "track"
+    assert any("track grpo step 1" in line for line in world.log) and any("track grpo step 2" in line for line in world.log)
+    first = _csv(out / "track.csv")
+    assert (out / "track.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # `circuitdiff track` over the same dir resumes: nothing regenerated or re-attributed, the same csv
+    npz = sorted(out.glob("runs/grpo/checkpoint-*/attribution/*/gsm8k/*.npz"))
+    assert len(npz) == 4
+    stamps = {p: p.stat().st_mtime_ns for p in npz}
+    args = ["track", str(world.out), "--dataset", "gsm8k", "--source", str(world.data),
+            "--max-new-tokens", str(MAX_NEW), "--n-boot", "200", "--device", "cpu"]
+    assert cli_main(args + ["--alpha", "0.3"]) == 2  # other settings never mix into one OUT
+    assert "changed: alpha" in capsys.readouterr().err
+    assert cli_main(args) == 0
+    assert {p: p.stat().st_mtime_ns for p in npz} == stamps
+    rows = _csv(out / "track.csv")
+    assert rows == first
+
+    metrics = ["activation_intensity", "information_complexity", "distribution_kurtosis"]
+    assert [(r["step"], r["metric"]) for r in rows] == [(str(s), m) for s in (0, 1, 2) for m in metrics]
+    assert {r["run"] for r in rows} == {"grpo"} and {r["algorithm"] for r in rows} == {"grpo"}
+    assert {r["temperature"] for r in rows} == {"1.0"} and {r["entries"] for r in rows} == {"all"}
+    assert {r["bins"] for r in rows} == {"100"} and {r["alpha"] for r in rows} == {"0.1"}
+    for r in rows[:3]:
+        assert float(r["diff"]) == float(r["diff_ci_low"]) == float(r["diff_ci_high"]) == 0.0
+
+    (start,) = out.glob("start-*")
+    for step in (0, 1, 2):
+        run = start if step == 0 else out / "runs" / "grpo" / f"checkpoint-{step}"
+        role = "base" if step == 0 else "tuned"
+        answers = read_rows(rundir.generations(run, role, "gsm8k"))
+        assert len(answers) == N_QUESTIONS
+        correct = sum(is_correct(extract_answer(a["answer_text"]), world.golds[a["idx"]]) for a in answers)
+        for r in [r for r in rows if r["step"] == str(step)]:
+            assert int(r["correct"]) == correct and int(r["total"]) == N_QUESTIONS
+            assert float(r["accuracy"]) == pytest.approx(correct / N_QUESTIONS)
+            assert float(r["acc_ci_low"]) <= float(r["accuracy"]) <= float(r["acc_ci_high"])
+        if step == 0:
+            continue
+        # the metric differences, recomputed from the two W files with plain numpy/scipy
+        W = {}
+        for role_ in ("base", "tuned"):
+            with np.load(rundir.attribution(run, role_, "gsm8k", 0.1)) as f:
+                W[role_] = f["scores"].astype(np.float64).reshape(len(f["scores"]), -1)
+        Ab, At = np.abs(W["base"]), np.abs(W["tuned"])
+        hi = max(Ab.max(), At.max())
+        expected = {
+            "activation_intensity": At.mean() - Ab.mean(),
+            "information_complexity": _entropy(At, 0.0, hi) - _entropy(Ab, 0.0, hi),
+            "distribution_kurtosis": (np.mean([sps.kurtosis(w, fisher=True) for w in W["tuned"]])
+                                      - np.mean([sps.kurtosis(w, fisher=True) for w in W["base"]])),
+        }
+        got = {r["metric"]: r for r in rows if r["step"] == str(step)}
+        for metric, value in expected.items():
+            assert float(got[metric]["diff"]) == pytest.approx(value, rel=1e-9, abs=1e-12)
+            assert float(got[metric]["diff_ci_low"]) <= float(got[metric]["diff_ci_high"])
+            assert int(got[metric]["n_samples"]) == len(W["base"]) >= 2
+            assert "T_cut" in got[metric]["loss"]
+        if step == 2:
+            assert expected["activation_intensity"] != 0.0  # the trained checkpoint really changed the circuit
+
+
+@pytest.mark.parametrize("n_right, reason", [(0, "no question survives the both_correct filter"),
+                                             (1, "only 1 question(s) selected")])
+def test_track_with_too_few_both_correct(world, tmp_path, n_right, reason):
+    """Golds that the models (almost) never give: accuracy recorded, metrics NaN with the reason; the
+    callback path, which leaves the random state as it found it."""
+    qs = [f"Calculate {i} + {i + 1}." for i in range(N_QUESTIONS)]
+    golds = world.golds[:n_right] + ["99999"] * (N_QUESTIONS - n_right)
+    data = write_gsm8k_file(tmp_path / "hard.jsonl", golds, qs)
+    settings = TrackSettings(dataset="gsm8k", source=str(data), max_new_tokens=MAX_NEW, n_boot=200, device="cpu")
+    out = tmp_path / "track"
+    callback = TrackCallback(settings, out=out, log=QUIET)
+    before = torch.random.get_rng_state()
+    callback.on_save(SimpleNamespace(output_dir=str(world.out)), SimpleNamespace(global_step=2, is_world_process_zero=True),
+                     None)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    rows = _csv(out / "track.csv")
+    assert [r["step"] for r in rows] == ["0"] * 3 + ["2"] * 3
+    ckpt = [r for r in rows if r["step"] == "2"]
+    answers = read_rows(rundir.generations(out / "runs" / "grpo" / "checkpoint-2", "tuned", "gsm8k"))
+    correct = sum(is_correct(extract_answer(a["answer_text"]), golds[a["idx"]]) for a in answers)
+    for r in ckpt:
+        assert int(r["correct"]) == correct <= n_right and int(r["total"]) == N_QUESTIONS
+        assert math.isnan(float(r["diff"])) and math.isnan(float(r["diff_ci_low"]))
+        assert r["note"].startswith("no metrics:") and reason in r["note"]
+    assert (out / "track.png").exists()
+    assert not list(out.glob("runs/grpo/checkpoint-2/attribution/*/*/*.npz"))
+
+
+def test_cli_wiring():
+    parser = build_parser()
+    args = parser.parse_args(["track", "a", "b", "--dataset", "arith", "--limit", "5", "--alpha", "0.3", "--out", "o"])
+    assert args.train_dirs == ["a", "b"] and args.limit == 5 and args.alpha == 0.3
+    args = parser.parse_args(["train", "grpo", "--out", "o", "--track-dataset", "arith", "--track-limit", "20"])
+    assert args.track_dataset == "arith" and args.track_limit == 20
+    with pytest.raises(UserError, match="pass --out"):
+        from circuitdiff.lab.track import track
+
+        track(["a", "b"], TrackSettings())
+
+
+def test_train_cli_tracks_while_training(world, tmp_path):
+    out = tmp_path / "run"
+    assert cli_main(["train", "grpo", "--base", str(world.base), "--dataset", "arith", "--limit", "4", "--steps", "1",
+                     "--save-every", "1", "--questions-per-step", "2", "--num-generations", "2",
+                     "--max-completion-length", "4", "--device", "cpu", "--out", str(out),
+                     "--track-dataset", "arith", "--track-limit", "4"]) == 0
+    rows = _csv(out / "track" / "track.csv")
+    assert [r["step"] for r in rows] == ["0"] * 3 + ["1"] * 3
+    assert {r["dataset"] for r in rows} == {"arith"} and {r["total"] for r in rows} == {"4"}
+    assert read_json(out / "track" / "track.json")["runs"]["run"]["path"] == str(out.resolve())
