@@ -18,6 +18,8 @@ SIZES = {
     ("svamp", "test"): 1000,
     ("asdiv", "test"): 2215,
     ("mawps", "test"): 2065,
+    ("arith", "test"): 183,
+    ("arith", "train"): 180,
 }
 
 
@@ -157,3 +159,16 @@ def test_wrong_format_names_the_fields(tmp_path):
     path.write_text(json.dumps({"foo": 1}) + "\n")
     with pytest.raises(UserError, match="none of the fields"):
         load_problems("svamp", source=path)
+
+
+def test_arith_is_every_one_digit_problem_once_with_disjoint_splits():
+    train, test = load_problems("arith", "train"), load_problems("arith", "test")
+    expressions = {}
+    for p in train + test:
+        a, op, b = p.question.rstrip(".").split()[-3:]  # "... 4 - 7." in reasoning-gym's phrasing
+        expressions[(int(a), op, int(b))] = p.gold
+    # 11 x 11 operand pairs (0..10) x 3 operators, each exactly once across the two splits
+    assert len(expressions) == len(train) + len(test) == 363
+    for (a, op, b), gold in expressions.items():
+        assert float(gold) == {"+": a + b, "-": a - b, "*": a * b}[op]
+    assert not {p.question for p in train} & {p.question for p in test}
