@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "circuitdiff.lab.track",
     "circuitdiff.validate",
     "circuitdiff.intervene",
+    "circuitdiff.demo",
 ]
 
 
