@@ -2,7 +2,7 @@
 
 ``build_report(run_dir)`` reads ``attribution/{base,tuned}/{dataset}/alpha={a}.npz`` (plus
 ``selection/`` and ``manifest.json`` when present) and writes into ``run_dir/report/``:
-metrics.csv, node_entropy.csv, edge_change.csv, table.md, table.tex, fig_*.png and
+metrics.csv, node_entropy.csv, edge_change.csv, accuracy.csv (when generations/ exist), table.md, table.tex, fig_*.png and
 report.html. Pairs with only one model, or whose files disagree, are skipped and listed.
 """
 
@@ -14,6 +14,7 @@ from pathlib import Path
 from circuitdiff import io
 from circuitdiff.errors import UserError
 from circuitdiff.report import tables
+from circuitdiff.report.accuracy import accuracy_rows
 from circuitdiff.report.compute import PairResult, Settings, analyse_pair
 from circuitdiff.report.html import Figure, RawHtml, Section, Table, render_page
 from circuitdiff.report.rundir import index_run, load_pair
@@ -99,6 +100,9 @@ def _build(run_dir, settings: Settings, out_dir, builders) -> ReportContext:
     ec = edge_change_rows(results)
     if ec:
         io.write_text(out / "edge_change.csv", tables.to_csv(ec, list(ec[0])))
+    acc = accuracy_rows(run_dir, seed=settings.seed)
+    if acc:
+        io.write_text(out / "accuracy.csv", tables.to_csv(acc, list(acc[0])))
     io.write_text(out / "table.md", tables.markdown(results, settings))
     io.write_text(out / "table.tex", tables.latex(results, settings))
     for section in sections:

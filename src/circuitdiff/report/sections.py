@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from circuitdiff.report import figures, tables
+from circuitdiff.report.accuracy import accuracy_section
 from circuitdiff.report.compute import PairResult, Settings
 from circuitdiff.report.html import Figure, Section, Table
 from circuitdiff.report.rundir import RunIndex
@@ -171,6 +172,7 @@ def skipped_section(ctx: ReportContext) -> list[Section]:
 
 SECTION_BUILDERS: list[Callable[[ReportContext], list[Section]]] = [
     conventions_section,
+    accuracy_section,
     summary_section,
     alpha_section,
     heatmap_section,
