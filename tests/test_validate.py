@@ -20,6 +20,7 @@ from circuitdiff.cli import main
 from circuitdiff.errors import UserError
 from circuitdiff.validate import (
     Edge,
+    Validation,
     EdgeEditor,
     agreement,
     all_edges,
@@ -134,6 +135,11 @@ def test_validate_result_files_and_full_removal_correlation(tmp_path):
     assert data["n_edges"] == 28 and len(data["edges"]) == 28 and data["figure"] == "v.png"
     assert data["edges"][0]["edge"] == "embed->attn.0"
     assert "zero ablation" in data["conventions"]["ablation"]
+    again = Validation.load(json_path)
+    np.testing.assert_array_equal(again.dL, result.dL)
+    np.testing.assert_array_equal(again.W, result.W)
+    assert again.edges == result.edges
+    assert len(s["spearman_per_sample"]) == 2 and all(-1 <= v <= 1 for v in s["spearman_per_sample"])
 
 
 def test_agreement_numbers_by_hand():
@@ -142,6 +148,10 @@ def test_agreement_numbers_by_hand():
     out = agreement(W, dL, sign_threshold=1e-6)
     # |dL| > 1e-6 leaves 5 edges; signs agree on 3.0/2.5, -2/-1, 0.5/0.6 -> 3 of 5 (0 vs 0.2 disagrees)
     assert out["n_sign_edges"] == 5 and out["sign_agreement"] == pytest.approx(3 / 5)
+    # W > 0 among them: 0, 2, 3 (agree, disagree, agree); W < 0: 1 (agrees); W = 0 (edge 5) in neither
+    assert out["n_W_pos"] == 3 and out["sign_agreement_W_pos"] == pytest.approx(2 / 3)
+    assert out["n_W_neg"] == 1 and out["sign_agreement_W_neg"] == 1.0
+    assert out["fraction_dL_positive"] == pytest.approx(4 / 6)
     assert topk_overlap(W, dL, 3) == 1.0  # top-3 by |W| and by |dL|: {0, 1, 2}
     assert topk_overlap(W, dL, 5) == pytest.approx(4 / 5)  # {0,1,2,3,4} vs {0,1,2,3,5}
     assert out["top5pct_k"] == 1 and out["top5pct_overlap"] == 1.0

@@ -362,6 +362,10 @@ def agreement(W: np.ndarray, dL: np.ndarray, sign_threshold: float = DEFAULT_SIG
     out["sign_threshold"] = sign_threshold
     out["n_sign_edges"] = int(big.sum())
     out["sign_agreement"] = float(np.mean(np.sign(W[big]) == np.sign(dL[big]))) if big.any() else float("nan")
+    for name, side in (("W_pos", big & (W > 0)), ("W_neg", big & (W < 0))):  # does removal act as EAP predicts?
+        out[f"sign_agreement_{name}"] = float(np.mean(np.sign(dL[side]) == np.sign(W[side]))) if side.any() else float("nan")
+        out[f"n_{name}"] = int(side.sum())
+    out["fraction_dL_positive"] = float(np.mean(dL > 0)) if n else float("nan")
     k5 = max(1, math.ceil(0.05 * n))
     out["top10_overlap"] = topk_overlap(W, dL, 10)
     out["top5pct_k"] = k5
@@ -369,6 +373,19 @@ def agreement(W: np.ndarray, dL: np.ndarray, sign_threshold: float = DEFAULT_SIG
     ratio = np.abs(W[big]) / np.abs(dL[big]) if big.any() else np.array([np.nan])
     out["median_abs_ratio_W_over_dL"] = float(np.median(ratio))
     return out
+
+
+def summarize(W: np.ndarray, dL: np.ndarray, sign_threshold: float = DEFAULT_SIGN_THRESHOLD, how: str = "") -> dict:
+    """Agreement of W and dL [n_samples, n_edges]: of the sample means (main numbers), pooled over every
+    (sample, edge) pair (*_pooled), and per sample (*_per_sample lists)."""
+    summary = agreement(W.mean(0), dL.mean(0), sign_threshold)
+    pooled = agreement(W.ravel(), dL.ravel(), sign_threshold)
+    summary.update({f"{k}_pooled": pooled[k] for k in ("spearman", "pearson", "sign_agreement", "n_sign_edges")})
+    per_sample = [agreement(W[k], dL[k], sign_threshold) for k in range(len(W))]
+    for key in ("spearman", "pearson", "sign_agreement", "top10_overlap"):
+        summary[f"{key}_per_sample"] = [p[key] for p in per_sample]
+    summary["edges_chosen"] = how
+    return summary
 
 
 # ---------------------------------------------------------------- result
@@ -401,6 +418,15 @@ class Validation:
             ],
         }  # fmt: skip
 
+    @classmethod
+    def load(cls, path: str | Path) -> "Validation":
+        """Read a JSON written by `save` (the per-sample values of every edge)."""
+        data = io.read_json(path)
+        edges = [Edge(e["src"], e["dst"]) for e in data["edges"]]
+        dL = np.array([e["dL"] for e in data["edges"]], dtype=np.float64).T.reshape(data["n_samples"], len(edges))
+        W = np.array([e["W"] for e in data["edges"]], dtype=np.float64).T.reshape(data["n_samples"], len(edges))
+        return cls(edges, dL, W, np.asarray(data["clean_loss"]), data["granularity"], data["summary"], data.get("meta", {}))
+
     def save(self, json_path: str | Path, png_path: str | Path | None = None) -> tuple[Path, Path | None]:
         json_path = Path(json_path)
         png_path = Path(png_path) if png_path is not None else json_path.with_suffix(".png")
@@ -417,8 +443,9 @@ def conventions(sign_threshold: float = DEFAULT_SIGN_THRESHOLD) -> dict:
         "loss": LOSS_CONVENTION,
         "eap": EAP_CONVENTION,
         "correlations": "Spearman and Pearson over the chosen edges of the sample-mean dL and sample-mean W "
-                        "(*_pooled: over every (sample, edge) pair)",
-        "sign_agreement": f"fraction of edges with sign(W_mean) == sign(dL_mean) among edges with |dL_mean| > {sign_threshold:g} nats",
+                        "(*_pooled: over every (sample, edge) pair; *_per_sample: over edges, one value per sample)",
+        "sign_agreement": f"fraction of edges with sign(W_mean) == sign(dL_mean) among edges with |dL_mean| > {sign_threshold:g} nats "
+                          "(_W_pos / _W_neg: among those with W > 0 / W < 0)",
         "topk_overlap": "|top-k edges by |W_mean| and top-k by |dL_mean|| / k, for k = 10 and k = ceil(5% of the chosen edges)",
     }  # fmt: skip
 
@@ -491,10 +518,7 @@ def validate(
     dL, clean = exact_edge_effects(hf, samples, edges, granularity=granularity, batch_size=batch_size, progress=progress)
     t_exact = time.perf_counter() - t0
 
-    summary = agreement(W.mean(0), dL.mean(0), sign_threshold)
-    pooled = agreement(W.ravel(), dL.ravel(), sign_threshold)
-    summary.update({f"{k}_pooled": pooled[k] for k in ("spearman", "pearson", "sign_agreement", "n_sign_edges")})
-    summary["edges_chosen"] = how
+    summary = summarize(W, dL, sign_threshold, how)
     param = next(hf.parameters())
     meta = {
         "model": spec,
@@ -574,11 +598,19 @@ def summary_line(result: Validation) -> str:
         f"{len(result.edges)} edges ({s['edges_chosen']}), granularity={result.granularity}, {result.dL.shape[0]} samples; "
         f"over edges, sample-mean EAP W vs exact zero-ablation dL: Spearman {s['spearman']:.4f}, Pearson {s['pearson']:.4f}, "
         f"Spearman of |.| {s['spearman_abs']:.4f}; sign agreement {s['sign_agreement']:.4f} over the {s['n_sign_edges']} "
-        f"edges with |dL| > {s['sign_threshold']:g} nats; top-10 overlap {s['top10_overlap']:.2f}, "
+        f"edges with |dL| > {s['sign_threshold']:g} nats ({s['sign_agreement_W_pos']:.4f} of the {s['n_W_pos']} with W > 0, "
+        f"{s['sign_agreement_W_neg']:.4f} of the {s['n_W_neg']} with W < 0; dL > 0 for {s['fraction_dL_positive']:.4f} "
+        f"of all); top-10 overlap {s['top10_overlap']:.2f}, "
         f"top-{s['top5pct_k']} (5%) overlap {s['top5pct_overlap']:.2f}; pooled over (sample, edge): Spearman "
-        f"{s['spearman_pooled']:.4f}, Pearson {s['pearson_pooled']:.4f} (loss: mean NLL of answer_ids[:cut_len]; "
+        f"{s['spearman_pooled']:.4f}, Pearson {s['pearson_pooled']:.4f}, sign agreement {s['sign_agreement_pooled']:.4f}; "
+        f"per sample: Spearman {_listed(s['spearman_per_sample'])}, sign agreement "
+        f"{_listed(s['sign_agreement_per_sample'])} (loss: mean NLL of answer_ids[:cut_len]; "
         f"exact {result.meta['seconds_exact']:.1f} s, EAP {result.meta['seconds_eap']:.1f} s)"
     )
+
+
+def _listed(values: list[float]) -> str:
+    return "[" + ", ".join(f"{v:.3f}" for v in values) + "]"
 
 
 # ---------------------------------------------------------------- run directory

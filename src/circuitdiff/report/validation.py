@@ -43,7 +43,9 @@ def validation_blocks(run_dir: Path) -> tuple[list, list[str]]:
         role, dataset, alpha = path.parent.parent.name, path.parent.name, path.stem[len("alpha="):]
         rows.append([role, dataset, alpha, str(data.get("granularity")), f"{data.get('n_edges')} ({s.get('edges_chosen', '')})",
                      str(data.get("n_samples")), fmt(s["spearman"]), fmt(s["pearson"]), fmt(s.get("spearman_abs", float("nan"))),
-                     f"{fmt(s['sign_agreement'])} of {s['n_sign_edges']} edges with |dL| > {s['sign_threshold']:g}",
+                     f"{fmt(s['sign_agreement'])} of {s['n_sign_edges']} edges with |dL| > {s['sign_threshold']:g}"
+                     + (f" (W > 0: {fmt(s['sign_agreement_W_pos'])}, W < 0: {fmt(s['sign_agreement_W_neg'])})"
+                        if "sign_agreement_W_pos" in s else ""),
                      fmt(s["top10_overlap"]), f"{fmt(s['top5pct_overlap'])} (k={s['top5pct_k']})",
                      fmt(s.get("spearman_pooled", float("nan")))])  # fmt: skip
         png = path.parent / str(data.get("figure", path.with_suffix(".png").name))
