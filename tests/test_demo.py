@@ -35,7 +35,7 @@ def test_packaged_adapter_is_a_small_grpo_lora_of_smollm2_that_changes_the_weigh
 
 def test_demo_end_to_end_on_a_few_problems(tmp_path):
     out = tmp_path / "demo"
-    report = demo(out, limit=12, validate_samples=1, intervene_questions=4, progress=False, log=lambda *_: None)
+    report = demo(out, limit=40, validate_samples=1, intervene_questions=4, progress=False, log=lambda *_: None)
     html = (report / "report.html").read_text(encoding="utf-8")
     for title in ("Task accuracy", "Conventions"):
         assert title in html
@@ -43,7 +43,7 @@ def test_demo_end_to_end_on_a_few_problems(tmp_path):
     acc = {r["dataset"]: r for r in _csv(report / "accuracy.csv")}
     for role in rundir.ROLES:
         rows = read_rows(rundir.generations(out, role, "arith"))
-        assert len(rows) == 12
+        assert len(rows) == 40
         assert float(acc["arith"][role]) == pytest.approx(np.mean([r["correct"] for r in rows]))
         assert all(len(r["answer_ids"]) <= MAX_NEW_TOKENS for r in rows)
     sel = read_json(rundir.selection(out, "arith", 0.1))

@@ -100,6 +100,24 @@ def read_samples(path: str | Path) -> list[dict]:
     return samples
 
 
+def as_samples(samples: str | Path | list[dict]) -> list[dict]:
+    """A samples file (JSONL) or a list of sample dicts, validated; at least one."""
+    if isinstance(samples, (str, Path)):
+        return read_samples(samples)
+    checked = [check_sample(s, f"sample {i}") for i, s in enumerate(samples)]
+    if not checked:
+        raise UserError("no samples given; pass at least one {prompt_ids, answer_ids, cut_len}")
+    return checked
+
+
+def resolve_model(model: str | LoadedModel | torch.nn.Module, dtype: str, device: str):
+    """(spec, model as given or loaded, the Hugging Face causal LM): a spec is loaded in dtype on device."""
+    spec = model if isinstance(model, str) else getattr(model, "spec", type(model).__name__)
+    if isinstance(model, str):
+        model = load_model(model, dtype, device, tokenizer=False)
+    return spec, model, model.model if isinstance(model, LoadedModel) else model
+
+
 def attribute(
     model: str | LoadedModel | torch.nn.Module,
     samples: str | Path | list[dict],
@@ -122,16 +140,8 @@ def attribute(
         raise UserError(f"granularity {granularity!r} is unknown; use one of {', '.join(GRANULARITIES)}")
     if batch_size < 1:
         raise UserError(f"batch size {batch_size} must be >= 1")
-    if isinstance(samples, (str, Path)):
-        samples = read_samples(samples)
-    else:
-        samples = [check_sample(s, f"sample {i}") for i, s in enumerate(samples)]
-        if not samples:
-            raise UserError("no samples given; pass at least one {prompt_ids, answer_ids, cut_len}")
-    spec = model if isinstance(model, str) else getattr(model, "spec", type(model).__name__)
-    if isinstance(model, str):
-        model = load_model(model, dtype, device, tokenizer=False)
-    hf_model = model.model if isinstance(model, LoadedModel) else model
+    samples = as_samples(samples)
+    spec, model, hf_model = resolve_model(model, dtype, device)
 
     engine = EdgeAttributor(hf_model, granularity, gradient_checkpointing)
     input_device = hf_model.get_input_embeddings().weight.device

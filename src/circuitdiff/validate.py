@@ -484,19 +484,11 @@ def validate(
     edges, else every real edge (max_edges=None) or a seeded random subset of max_edges; the
     default (-1) is every edge at block granularity and 300 random edges at qkv/head.
     """
-    from circuitdiff.attribute import attribute, check_sample, read_samples
-    from circuitdiff.models import LoadedModel, load_model
+    from circuitdiff.attribute import as_samples, attribute, resolve_model
+    from circuitdiff.models import LoadedModel
 
-    if isinstance(samples, (str, Path)):
-        samples = read_samples(samples)
-    else:
-        samples = [check_sample(s, f"sample {i}") for i, s in enumerate(samples)]
-        if not samples:
-            raise UserError("no samples given; pass at least one {prompt_ids, answer_ids, cut_len}")
-    spec = model if isinstance(model, str) else getattr(model, "spec", type(model).__name__)
-    if isinstance(model, str):
-        model = load_model(model, dtype, device, tokenizer=False)
-    hf = model.model if isinstance(model, LoadedModel) else model
+    samples = as_samples(samples)
+    spec, model, hf = resolve_model(model, dtype, device)
     editor = EdgeEditor(hf, granularity)
     if edges is None:
         limit = DEFAULT_MAX_EDGES[granularity] if max_edges == -1 else max_edges
