@@ -60,7 +60,7 @@ def demo(out: str | Path = "runs/demo", *, tuned: str | None = None, limit: int 
     dataset, alpha = config.datasets[0].key, config.alphas[0]
     run(config, out, progress=progress, log=log)
     if validate_samples:
-        _validate(out, dataset, alpha, validate_samples, log)
+        _validate(out, dataset, alpha, validate_samples, progress, log)
     if intervene_questions:
         _intervene(out, dataset, alpha, intervene_questions, progress, log)
     report = build_report(out)
@@ -75,7 +75,7 @@ def demo(out: str | Path = "runs/demo", *, tuned: str | None = None, limit: int 
     return report
 
 
-def _validate(out: Path, dataset: str, alpha: float, n_samples: int, log) -> None:
+def _validate(out: Path, dataset: str, alpha: float, n_samples: int, progress: bool, log) -> None:
     from circuitdiff.validate import run_model_spec, run_samples, summary_line, validate, validation_paths
 
     json_path, png_path = validation_paths(out, "tuned", dataset, alpha)
@@ -84,7 +84,7 @@ def _validate(out: Path, dataset: str, alpha: float, n_samples: int, log) -> Non
         return
     samples, where = run_samples(out, "tuned", dataset, alpha, n_samples)
     spec, dtype = run_model_spec(out, "tuned")
-    result = validate(spec, samples, granularity="block", dtype=dtype, progress=True)
+    result = validate(spec, samples, granularity="block", dtype=dtype, progress=progress)
     result.meta.update({**where, "run": str(out), "role": "tuned", "dataset": dataset, "alpha": alpha})
     result.save(json_path, png_path)
     log(f"validate: {summary_line(result)}")

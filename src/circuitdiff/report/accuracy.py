@@ -58,5 +58,5 @@ def accuracy_section(ctx) -> list[Section]:
           f"{100 * r['diff']:+.1f} pts [{100 * r['diff_ci_low']:+.1f}, {100 * r['diff_ci_high']:+.1f}]",
           f"{r['only_base']} / {r['only_tuned']}", f"{r['p_mcnemar']:.3g}"] for r in rows],
     )  # fmt: skip
-    return [Section("Task accuracy", "Greedy answers of both models to the same questions. " + rows[0]["conventions"] + ".",
+    return [Section("Task accuracy", "Both models, the same questions: " + rows[0]["conventions"] + ".",
                     [table])]
