@@ -14,6 +14,8 @@ model's own submodules (used for Gemma, whose post-norms the naive one lacks).
 
 from __future__ import annotations
 
+import contextlib
+
 import inspect
 import math
 
@@ -198,3 +200,23 @@ def oracle_scores(forward, *args, **kwargs):
     loss, gates, logits = forward(*args, **kwargs)
     (grad,) = torch.autograd.grad(loss, gates.values)
     return -grad, logits.detach()
+
+
+@contextlib.contextmanager
+def preset_gates(gates: dict):
+    """Inside the block, every oracle forward builds its Gates with gates[(dst, src)] = value (others 1)."""
+    global Gates
+    original = Gates
+
+    class Preset(original):
+        def __init__(self, graph, dtype):
+            super().__init__(graph, dtype)
+            with torch.no_grad():
+                for (dst, src), value in gates.items():
+                    self.values[graph.dst_index[dst], graph.src_index[src]] = value
+
+    Gates = Preset
+    try:
+        yield
+    finally:
+        Gates = original

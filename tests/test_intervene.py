@@ -85,15 +85,7 @@ def _oracle_greedy(model, prompt, gates, max_new_tokens, granularity="block"):
     """
     stop = {EOS}
 
-    class Preset(oracle.Gates):
-        def __init__(self, graph, dtype):
-            super().__init__(graph, dtype)
-            with torch.no_grad():
-                for (dst, src), value in gates.items():
-                    self.values[graph.dst_index[dst], graph.src_index[src]] = value
-
-    original, oracle.Gates = oracle.Gates, Preset
-    try:
+    with oracle.preset_gates(gates):
         seq, out = list(prompt), []
         for _ in range(max_new_tokens):
             sample = {"prompt_ids": seq, "answer_ids": [1], "cut_len": 1}
@@ -104,8 +96,6 @@ def _oracle_greedy(model, prompt, gates, max_new_tokens, granularity="block"):
             out.append(token)
             seq.append(token)
         return out
-    finally:
-        oracle.Gates = original
 
 
 def test_generation_with_cache_equals_no_cache_recomputation():

@@ -33,20 +33,8 @@ from circuitdiff.validate import (
 
 def gated_loss(forward, model, sample, gates: dict) -> float:
     """Loss of forward(model, [sample]) (an oracle) with gates[(dst, src)] = value, every other gate 1."""
-
-    class Preset(oracle.Gates):
-        def __init__(self, graph, dtype):
-            super().__init__(graph, dtype)
-            with torch.no_grad():
-                for (dst, src), value in gates.items():
-                    self.values[graph.dst_index[dst], graph.src_index[src]] = value
-
-    original = oracle.Gates
-    oracle.Gates = Preset
-    try:
+    with oracle.preset_gates(gates):
         return float(forward(model, [sample])[0].detach())
-    finally:
-        oracle.Gates = original
 
 
 def naive(model, sample, gates, granularity="block"):
