@@ -69,23 +69,20 @@ def demo(out: str | Path = "runs/demo", *, tuned: str | None = None, limit: int 
             f"{MAX_NEW_TOKENS} new tokens): base {row['base']:.1%} -> tuned {row['tuned']:.1%}, "
             f"difference {100 * row['diff']:+.1f} points (95% CI [{100 * row['diff_ci_low']:+.1f}, "
             f"{100 * row['diff_ci_high']:+.1f}], paired bootstrap; McNemar p = {row['p_mcnemar']:.3g})")
-    table = (report / "table.md").read_text(encoding="utf-8")
-    log(table.split("\n\n## ")[0] if table.startswith("#") else table)
+    parts = (report / "table.md").read_text(encoding="utf-8").split("\n\n## ")
+    log("\n\n## ".join(parts[:2]))  # the title, its conventions line and the first table
     log(f"demo finished in {time.time() - started:.0f} s; open {report / 'report.html'}")
     return report
 
 
 def _validate(out: Path, dataset: str, alpha: float, n_samples: int, progress: bool, log) -> None:
-    from circuitdiff.validate import run_model_spec, run_samples, summary_line, validate, validation_paths
+    from circuitdiff.validate import summary_line, validate_run, validation_paths
 
     json_path, png_path = validation_paths(out, "tuned", dataset, alpha)
     if json_path.exists():
         log(f"validate: up to date ({json_path})")
         return
-    samples, where = run_samples(out, "tuned", dataset, alpha, n_samples)
-    spec, dtype = run_model_spec(out, "tuned")
-    result = validate(spec, samples, granularity="block", dtype=dtype, progress=progress)
-    result.meta.update({**where, "run": str(out), "role": "tuned", "dataset": dataset, "alpha": alpha})
+    result = validate_run(out, "tuned", dataset, alpha, n_samples, granularity="block", progress=progress)
     result.save(json_path, png_path)
     log(f"validate: {summary_line(result)}")
 

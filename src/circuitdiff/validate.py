@@ -647,6 +647,18 @@ def validation_paths(run_dir: str | Path, role: str, dataset: str, alpha: float)
     return folder / f"{tag}.json", folder / f"{tag}.png"
 
 
+def validate_run(run_dir: str | Path, role: str, dataset: str, alpha: float, n_samples: int | None = 4,
+                 dtype: str | None = None, **kwargs) -> Validation:
+    """`validate` on a run directory: the first n_samples selected samples of `role`, its model from the
+    manifest (in the run's dtype unless given); the run/role/dataset/alpha go into the result's meta.
+    kwargs go to `validate` (granularity, max_edges, seed, batch_size, device, sign_threshold, progress)."""
+    samples, where = run_samples(run_dir, role, dataset, alpha, n_samples)
+    spec, run_dtype = run_model_spec(run_dir, role)
+    result = validate(spec, samples, dtype=dtype or run_dtype, **kwargs)
+    result.meta.update({**where, "run": str(run_dir), "role": role, "dataset": dataset, "alpha": alpha})
+    return result
+
+
 # ---------------------------------------------------------------------- CLI
 def register_cli(subparsers) -> None:
     p = subparsers.add_parser(
@@ -678,27 +690,22 @@ def register_cli(subparsers) -> None:
 
 
 def _run_cli(args) -> int:
+    options = dict(granularity=args.granularity, max_edges=args.max_edges, seed=args.seed, batch_size=args.batch_size,
+                   device=args.device, sign_threshold=args.sign_threshold, progress=True)
     if args.run:
         if args.dataset is None or args.alpha is None:
             raise UserError("--run needs --dataset and --alpha (and --role, default tuned)")
         if args.model or args.samples:
             raise UserError("give either --run or --model/--samples, not both")
-        samples, where = run_samples(args.run, args.role, args.dataset, args.alpha, args.n_samples)
-        spec, run_dtype = run_model_spec(args.run, args.role)
-        dtype = args.dtype or run_dtype
+        result = validate_run(args.run, args.role, args.dataset, args.alpha, args.n_samples, args.dtype, **options)
         json_path, png_path = (validation_paths(args.run, args.role, args.dataset, args.alpha) if not args.out else
                                (Path(args.out) / "validation.json", Path(args.out) / "validation.png"))
     else:
         if not args.model or not args.samples or not args.out:
             raise UserError("give --model, --samples and --out (or --run RUN_DIR --dataset D --alpha A)")
-        spec, samples, dtype, where = args.model, args.samples, args.dtype or "float32", {"samples": args.samples}
+        result = validate(args.model, args.samples, dtype=args.dtype or "float32", **options)
+        result.meta.update({"samples": args.samples})
         json_path, png_path = Path(args.out) / "validation.json", Path(args.out) / "validation.png"
-    result = validate(spec, samples, granularity=args.granularity, max_edges=args.max_edges, seed=args.seed,
-                      batch_size=args.batch_size, dtype=dtype, device=args.device, sign_threshold=args.sign_threshold,
-                      progress=True)
-    result.meta.update(where)
-    if args.run:
-        result.meta.update({"run": str(args.run), "role": args.role, "dataset": args.dataset, "alpha": args.alpha})
     result.save(json_path, png_path)
     print(f"wrote {json_path} and {png_path}: {summary_line(result)}")
     return 0
