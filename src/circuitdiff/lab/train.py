@@ -254,10 +254,10 @@ def train(settings: TrainSettings, out: str | Path, callbacks: list | None = Non
                   gradient_checkpointing=settings.gradient_checkpointing)
     name_cb = type("NameBase", (_NameBase, TrainerCallback), {})(settings.base)
     trainer = _make_trainer(settings, model, tokenizer, lora, common, out, [name_cb] + list(callbacks or []))
-    resume = bool(checkpoints(out))
-    if resume:
-        log(f"train: resuming from {checkpoints(out)[-1][1]}")
-    trainer.train(resume_from_checkpoint=True if resume else None)
+    done = checkpoints(out)
+    if done:
+        log(f"train: resuming from {done[-1][1]}")
+    trainer.train(resume_from_checkpoint=True if done else None)
     final = out / "final"
     trainer.model.save_pretrained(str(final))
     name_base(final, settings.base)
