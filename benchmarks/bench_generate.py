@@ -1,6 +1,6 @@
 """Batched greedy generation against one question at a time, measured in the same run.
 
-Both modes go through the same code (`circuitdiff.generate.HFBackend`): the baseline calls it
+Both modes go through the same code (`circuitdiff.decoding.HFBackend`): the baseline calls it
 with one prompt at a time (no padding), the batched mode with `--batch-size` prompts per call
 (left padding, KV cache). Prints seconds, generated tokens, tokens/s, the speed ratio and how
 many answers agree token for token.
@@ -28,7 +28,7 @@ def main() -> None:
     import torch
 
     from circuitdiff.data import load_problems
-    from circuitdiff.generate import HFBackend
+    from circuitdiff.decoding import HFBackend
     from circuitdiff.models import load_model
     from circuitdiff.prompts import encode
 

@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from circuitdiff import io, rundir
+from circuitdiff.io import write_jsonl
+from circuitdiff.store import artifacts
 
 
 def build_samples(run_dir: str | Path, n: int = 4, frac: float = 0.1, role: str = "base", dataset: str = "gsm8k") -> list[dict]:
-    rows = sorted(io.read_jsonl_tolerant(rundir.generations(Path(run_dir), role, dataset)), key=lambda r: r["idx"])
+    rows = sorted(artifacts.read_generations(Path(run_dir), role, dataset), key=lambda r: r["idx"])
     rows = [r for r in rows if r["answer_ids"]][:n]
     if not rows:
         raise SystemExit(f"{run_dir}: no generations for {role}/{dataset}; run `circuitdiff run smoke --out {run_dir}` first")
@@ -37,7 +38,7 @@ def main() -> None:
     p.add_argument("--out", required=True)
     args = p.parse_args()
     samples = build_samples(args.run_dir, args.n, args.frac, args.role, args.dataset)
-    io.write_jsonl(args.out, samples)
+    write_jsonl(args.out, samples)
     print(f"wrote {args.out}: {len(samples)} samples, idx {[s['idx'] for s in samples]}, "
           f"prompt lengths {[len(s['prompt_ids']) for s in samples]}, cut_len {[s['cut_len'] for s in samples]}")
 

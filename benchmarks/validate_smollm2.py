@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from smollm2_validation_samples import build_samples  # noqa: E402
 
 from circuitdiff import io  # noqa: E402
-from circuitdiff.intervene import run_intervention  # noqa: E402
+from circuitdiff.config import InterventionConfig  # noqa: E402
 from circuitdiff.intervene import summary_line as intervention_line  # noqa: E402
 from circuitdiff.models import load_model  # noqa: E402
 from circuitdiff.validate import Validation, summarize, summary_line, validate  # noqa: E402
@@ -50,10 +50,11 @@ def finite_difference(sample: dict, n_edges: int, eps: float, batch_size: int, o
     from scipy import stats
 
     from circuitdiff.attribute import attribute
-    from circuitdiff.validate import EdgeEditor, choose_edges, exact_edge_effects
+    from circuitdiff.engine import ModelNodes, exact_edge_effects
+    from circuitdiff.validate import choose_edges
 
     model = load_model("smollm2-135m-instruct", "float64", tokenizer=False).model
-    graph = EdgeEditor(model, "block").graph
+    graph = ModelNodes(model, "block").graph
     edges, how = choose_edges(graph, n_edges, seed=1)
     t0 = time.perf_counter()
     W = attribute(model, [sample]).scores[0][[graph.dst_index[e.dst] for e in edges], [graph.src_index[e.src] for e in edges]]
@@ -129,12 +130,14 @@ def main() -> None:
         finite_difference(samples[0], args.fd_edges, args.fd_eps, args.batch_size, out)
 
     if "intervene" not in args.skip:
+        from circuitdiff.stages.intervene import intervene_one
+
         t0 = time.perf_counter()
-        result = run_intervention(args.run_dir, role="tuned", dataset="gsm8k", alpha=0.1, edges="top", k=args.k,
-                                  factor=0.0, n_random=args.n_random, n_questions=args.n_questions,
-                                  max_new_tokens=args.max_new_tokens, accuracy=args.accuracy)
+        settings = InterventionConfig(role="tuned", edges="top", k=args.k, factor=0.0, n_random=args.n_random,
+                                      n_questions=args.n_questions, max_new_tokens=args.max_new_tokens,
+                                      accuracy=args.accuracy)
+        result, _ = intervene_one(args.run_dir, "gsm8k", 0.1, settings, out=out / "intervention.json")
         result.meta["seconds_total"] = round(time.perf_counter() - t0, 1)
-        result.save(out / "intervention.json")
         print(f"intervene: edges {', '.join(e.name for e in result.targeted)} ({result.meta['edges_chosen']})")
         print(f"intervene: {intervention_line(result)}; {result.meta['seconds_total']:.0f} s")
 

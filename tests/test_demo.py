@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from circuitdiff import rundir
+from circuitdiff.store import layout
 from circuitdiff.demo import MAX_NEW_TOKENS, demo, demo_adapter
-from circuitdiff.generate import read_rows
+from circuitdiff.io import read_jsonl_tolerant as read_rows
 from circuitdiff.io import read_json
 from circuitdiff.models import load_model
 
@@ -41,12 +41,12 @@ def test_demo_end_to_end_on_a_few_problems(tmp_path):
         assert title in html
     # the accuracy table counts what the generations files hold
     acc = {r["dataset"]: r for r in _csv(report / "accuracy.csv")}
-    for role in rundir.ROLES:
-        rows = read_rows(rundir.generations(out, role, "arith"))
+    for role in layout.ROLES:
+        rows = read_rows(layout.generations(out, role, "arith"))
         assert len(rows) == 40
         assert float(acc["arith"][role]) == pytest.approx(np.mean([r["correct"] for r in rows]))
         assert all(len(r["answer_ids"]) <= MAX_NEW_TOKENS for r in rows)
-    sel = read_json(rundir.selection(out, "arith", 0.1))
+    sel = read_json(layout.selection(out, "arith", 0.1))
     if sel["idx"]:  # the validation and intervention need a both-correct question
         assert list((out / "validation").rglob("*.json")) and list((out / "intervention").rglob("*.json"))
 

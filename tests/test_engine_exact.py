@@ -114,10 +114,7 @@ def test_hooks_change_nothing():
     batch = make_batch(samples[:1], 0)
     ids = batch.input_ids
     plain = model(ids).logits
-    engine._mask = batch.attention_mask
-    engine._buffers = engine._allocate(1, ids.shape[1])
-    engine._norm_inputs = {}
-    with engine._frozen(), engine._hooks():
+    with engine.hooked(batch):
         hooked = model(ids).logits
     assert torch.equal(plain, hooked)
     _, loss = EdgeAttributor(model, "block").scores(make_batch(samples, 0))

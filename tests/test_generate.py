@@ -7,7 +7,9 @@ import torch
 
 from circuitdiff.data import Problem
 from circuitdiff.errors import UserError
-from circuitdiff.generate import Generation, HFBackend, VLLMBackend, eos_token_ids, generate_dataset, read_rows
+from circuitdiff.decoding import Generation, HFBackend, VLLMBackend, eos_token_ids
+from circuitdiff.io import read_jsonl_tolerant as read_rows
+from circuitdiff.stages.generate import generate_dataset
 from circuitdiff.prompts import INSTRUCTION, encode, render
 from pipeline_helpers import byte_tokenizer, tiny_lm
 

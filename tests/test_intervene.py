@@ -19,16 +19,10 @@ import oracle
 from circuitdiff.attribute import attribute
 from circuitdiff.cli import main
 from circuitdiff.errors import UserError
-from circuitdiff.intervene import (
-    choose_targeted,
-    generate_with_edits,
-    intervene,
-    losses_with_edits,
-    paired_effects,
-    random_draws,
-    top_edges,
-)
-from circuitdiff.validate import Edge, EdgeEditor, all_edges, exact_edge_effects
+from circuitdiff.engine import EdgeEditor, exact_edge_effects, generate_with_edits, losses_with_edits
+from circuitdiff.graph import Edge, all_edges
+from circuitdiff.intervene import intervene, paired_effects, random_draws, top_edges
+from circuitdiff.stages.intervene import choose_targeted
 
 EOS = 0  # tiny_samples draws ids from 1..60; a generated 0 ends an answer
 
@@ -157,7 +151,7 @@ def test_bad_input_is_a_user_error():
 
 
 def test_top_and_top_grown_from_run_files(tmp_path):
-    from circuitdiff import rundir
+    from circuitdiff.store import layout
 
     model, run, rows = _tiny_run(tmp_path)
     samples = [{"prompt_ids": r["prompt_ids"], "answer_ids": r["answer_ids"], "cut_len": 2} for r in rows[:3]]
@@ -167,8 +161,8 @@ def test_top_and_top_grown_from_run_files(tmp_path):
     g = EdgeEditor(model, "block").graph
     d, u = g.dst_index["mlp.1"], g.src_index["attn.0"]
     tuned.scores[:, d, u] += 100.0  # this edge grows most
-    base.save(rundir.attribution(run, "base", "gsm8k", 0.1))
-    tuned.save(rundir.attribution(run, "tuned", "gsm8k", 0.1))
+    base.save(layout.attribution(run, "base", "gsm8k", 0.1))
+    tuned.save(layout.attribution(run, "tuned", "gsm8k", 0.1))
     graph_of = lambda gran: EdgeEditor(model, gran).graph  # noqa: E731
     grown, how, gran = choose_targeted(run, "tuned", "gsm8k", 0.1, "top-grown", 1, graph_of)
     assert grown == [Edge("attn.0", "mlp.1")] and "mean|W_tuned| - mean|W_base|" in how and gran == "block"
@@ -183,11 +177,11 @@ def test_top_and_top_grown_from_run_files(tmp_path):
 
 
 def test_cli_loss_only_writes_json(tmp_path, capsys):
-    from circuitdiff import rundir
+    from circuitdiff.store import layout
 
     model, run, rows = _tiny_run(tmp_path)
     attribute(model, [{"prompt_ids": r["prompt_ids"], "answer_ids": r["answer_ids"], "cut_len": 2} for r in rows]).save(
-        rundir.attribution(run, "tuned", "gsm8k", 0.1))
+        layout.attribution(run, "tuned", "gsm8k", 0.1))
     capsys.readouterr()
     code = main(["intervene", "--run", str(run), "--dataset", "gsm8k", "--alpha", "0.1", "--edges", "top", "--k", "2",
                  "--n-random", "2", "--no-accuracy"])
@@ -213,7 +207,7 @@ def test_cli_loss_only_writes_json(tmp_path, capsys):
 def test_report_section_shows_validation_and_intervention(tmp_path, capsys):
     from types import SimpleNamespace
 
-    from circuitdiff import rundir
+    from circuitdiff.store import layout
     from circuitdiff.report import Settings, build_report
     from circuitdiff.report.validation import validation_section
 
@@ -221,7 +215,7 @@ def test_report_section_shows_validation_and_intervention(tmp_path, capsys):
     assert validation_section(SimpleNamespace(run_dir=run)) == []  # no result files: no section
     samples = [{"prompt_ids": r["prompt_ids"], "answer_ids": r["answer_ids"], "cut_len": 2} for r in rows[:3]]
     for role in ("base", "tuned"):
-        attribute(model, samples).save(rundir.attribution(run, role, "gsm8k", 0.1))
+        attribute(model, samples).save(layout.attribution(run, role, "gsm8k", 0.1))
     common = ["--run", str(run), "--dataset", "gsm8k", "--alpha", "0.1"]
     assert main(["validate", *common, "--batch-size", "8"]) == 0
     assert main(["intervene", *common, "--edges", "top-grown", "--k", "2", "--n-random", "2", "--no-accuracy"]) == 0

@@ -12,17 +12,19 @@ import torch
 from scipy import stats as sps
 from transformers import TrainerCallback
 
-from circuitdiff import rundir
+from circuitdiff.store import layout
 from circuitdiff.cli import build_parser
 from circuitdiff.cli import main as cli_main
 from circuitdiff.data import Problem, _arith_rows
 from circuitdiff.errors import UserError
-from circuitdiff.generate import HFBackend, read_rows
+from circuitdiff.decoding import HFBackend
+from circuitdiff.io import read_jsonl_tolerant as read_rows
 from circuitdiff.grade import extract_answer, grade, is_correct
 from circuitdiff.io import read_json, write_jsonl
 from circuitdiff.lab.reward import reward, trl_reward
-from circuitdiff.lab.track import TrackCallback, TrackSettings
-from circuitdiff.lab.train import TrainSettings, build_dpo_pairs, checkpoints, gold_solution, train
+from circuitdiff.lab.callback import TrackCallback
+from circuitdiff.lab.settings import TrackSettings, TrainSettings
+from circuitdiff.lab.train import build_dpo_pairs, gold_solution, train
 from circuitdiff.models import load_model
 from circuitdiff.prompts import encode
 from pipeline_helpers import save_tiny_lm, write_gsm8k_file
@@ -169,7 +171,7 @@ def world(tmp_path_factory):
 
 
 def test_grpo_checkpoints(world):
-    assert [s for s, _ in checkpoints(world.out)] == [1, 2]
+    assert [s for s, _ in layout.find_checkpoints(world.out)] == [1, 2]
     record = read_json(world.out / "train.json")
     assert record["settings"]["algorithm"] == "grpo" and "DAPO" in record["conventions"]["algorithm"]
     assert all(h["grad_norm"] > 0 for h in record["log_history"] if "grad_norm" in h)
@@ -189,7 +191,7 @@ def test_grpo_rerun_resumes(world, tmp_path):
           out, callbacks=[counter], log=log.append)
     assert counter.steps == [2]
     assert any("resuming from" in line and "checkpoint-1" in line for line in log)
-    assert [s for s, _ in checkpoints(out)] == [1, 2]
+    assert [s for s, _ in layout.find_checkpoints(out)] == [1, 2]
     assert {p: p.read_bytes() for p in (out / "checkpoint-1").iterdir()} == kept
 
 
@@ -205,7 +207,7 @@ def test_sft_tiny(world, tmp_path):
     settings = TrainSettings("sft", base=str(world.base), dataset="arith", limit=4, steps=2, save_every=1,
                              batch_size=2, device="cpu")
     train(settings, tmp_path / "sft", log=QUIET)
-    assert [s for s, _ in checkpoints(tmp_path / "sft")] == [1, 2]
+    assert [s for s, _ in layout.find_checkpoints(tmp_path / "sft")] == [1, 2]
     for step in (1, 2):
         assert_lora_trained(tmp_path / "sft" / f"checkpoint-{step}", str(world.base), world.base_weights)
     _rerun_does_nothing(settings, tmp_path / "sft")
@@ -227,7 +229,7 @@ def test_dpo_tiny(world, tmp_path):
     out = tmp_path / "dpo"
     write_jsonl(out / "dpo_pairs.jsonl", pairs)
     train(settings, out, log=QUIET)
-    assert [s for s, _ in checkpoints(out)] == [1, 2]
+    assert [s for s, _ in layout.find_checkpoints(out)] == [1, 2]
     for step in (1, 2):
         assert_lora_trained(out / f"checkpoint-{step}", str(world.base), world.base_weights)
     _rerun_does_nothing(settings, out)
@@ -280,7 +282,7 @@ def test_track_during_training_then_cli_resume(world, capsys):
     for step in (0, 1, 2):
         run = start if step == 0 else out / "runs" / "grpo" / f"checkpoint-{step}"
         role = "base" if step == 0 else "tuned"
-        answers = read_rows(rundir.generations(run, role, "gsm8k"))
+        answers = read_rows(layout.generations(run, role, "gsm8k"))
         assert len(answers) == N_QUESTIONS
         correct = sum(is_correct(extract_answer(a["answer_text"]), world.golds[a["idx"]]) for a in answers)
         for r in [r for r in rows if r["step"] == str(step)]:
@@ -292,7 +294,7 @@ def test_track_during_training_then_cli_resume(world, capsys):
         # the metric differences, recomputed from the two W files with plain numpy/scipy
         W = {}
         for role_ in ("base", "tuned"):
-            with np.load(rundir.attribution(run, role_, "gsm8k", 0.1)) as f:
+            with np.load(layout.attribution(run, role_, "gsm8k", 0.1)) as f:
                 W[role_] = f["scores"].astype(np.float64).reshape(len(f["scores"]), -1)
         Ab, At = np.abs(W["base"]), np.abs(W["tuned"])
         hi = max(Ab.max(), At.max())
@@ -330,7 +332,7 @@ def test_track_with_too_few_both_correct(world, tmp_path, n_right, reason):
     rows = _csv(out / "track.csv")
     assert [r["step"] for r in rows] == ["0"] * 3 + ["2"] * 3
     ckpt = [r for r in rows if r["step"] == "2"]
-    answers = read_rows(rundir.generations(out / "runs" / "grpo" / "checkpoint-2", "tuned", "gsm8k"))
+    answers = read_rows(layout.generations(out / "runs" / "grpo" / "checkpoint-2", "tuned", "gsm8k"))
     correct = sum(is_correct(extract_answer(a["answer_text"]), golds[a["idx"]]) for a in answers)
     for r in ckpt:
         assert int(r["correct"]) == correct <= n_right and int(r["total"]) == N_QUESTIONS

@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 
-from circuitdiff import rundir
+from circuitdiff.store import layout
 from circuitdiff.attribute import Attribution
 from circuitdiff.config import parse_config
-from circuitdiff.generate import read_rows
+from circuitdiff.io import read_jsonl_tolerant as read_rows
 from circuitdiff.io import read_json
 from circuitdiff.models import load_model
-from circuitdiff.run import Runner
+from circuitdiff.pipeline import RunContext, run_stages
 from pipeline_helpers import write_gsm8k_file
 
 pytestmark = pytest.mark.smollm
@@ -27,8 +27,8 @@ def test_smollm2_self_pair_end_to_end(tmp_path):
     })
     run = tmp_path / "run"
     log = []
-    Runner(cfg, run, progress=False, log=log.append)()
-    rows = sorted(read_rows(rundir.generations(run, "base", "gsm8k")), key=lambda r: r["idx"])
+    run_stages(RunContext(cfg, run, progress=False, log=log.append))
+    rows = sorted(read_rows(layout.generations(run, "base", "gsm8k")), key=lambda r: r["idx"])
     tok = load_model("smollm2-135m-instruct").tokenizer
     for row in rows:
         prompt = tok.decode(row["prompt_ids"])
@@ -39,12 +39,12 @@ def test_smollm2_self_pair_end_to_end(tmp_path):
     assert sum(r["stop"] == "eos" for r in rows) >= 1
     correct = {r["idx"] for r in rows if r["correct"]}
     assert correct, f"SmolLM2 solved none of the easy questions: {[r['answer_text'] for r in rows]}"
-    sel = read_json(rundir.selection(run, "gsm8k", 0.1))
+    sel = read_json(layout.selection(run, "gsm8k", 0.1))
     assert set(sel["idx"]) == correct  # a self-pair keeps every both-correct question
-    for role in rundir.ROLES:
-        W = Attribution.load(rundir.attribution(run, role, "gsm8k", 0.1))
+    for role in layout.ROLES:
+        W = Attribution.load(layout.attribution(run, role, "gsm8k", 0.1))
         assert W.scores.shape == (len(correct), 61, 61)
         assert np.isfinite(W.scores).all() and np.count_nonzero(W.scores[:, W.edge_mask]) > 0
         assert not W.scores[:, ~W.edge_mask].any()  # impossible edges stay 0
-    np.testing.assert_array_equal(Attribution.load(rundir.attribution(run, "base", "gsm8k", 0.1)).scores,
-                                  Attribution.load(rundir.attribution(run, "tuned", "gsm8k", 0.1)).scores)
+    np.testing.assert_array_equal(Attribution.load(layout.attribution(run, "base", "gsm8k", 0.1)).scores,
+                                  Attribution.load(layout.attribution(run, "tuned", "gsm8k", 0.1)).scores)

@@ -12,17 +12,18 @@ import numpy as np
 import pytest
 import yaml
 
-from circuitdiff import rundir
+from circuitdiff.store import layout
 from circuitdiff.attribute import Attribution, attribute
 from circuitdiff.cli import main as cli_main
 from circuitdiff.config import RunConfig, load_config, parse_config, preset_names
 from circuitdiff.errors import UserError
-from circuitdiff.generate import HFBackend, read_rows
+from circuitdiff.decoding import HFBackend
+from circuitdiff.io import read_jsonl_tolerant as read_rows
 from circuitdiff.grade import extract_answer, is_correct
 from circuitdiff.io import read_json
 from circuitdiff.models import load_model
 from circuitdiff.prompts import encode
-from circuitdiff.run import Runner
+from circuitdiff.pipeline import RunContext, run_stages
 from pipeline_helpers import save_tiny_lm, write_gsm8k_file
 
 N_QUESTIONS, MAX_NEW = 12, 16
@@ -85,27 +86,27 @@ def make_config(pair, data, **over) -> RunConfig:
 def test_full_pipeline_then_rerun_skips_everything(pair, world, tmp_path):
     run = tmp_path / "run"
     log1 = []
-    Runner(make_config(pair, world["data"]), run, progress=False, log=log1.append)()
+    run_stages(RunContext(make_config(pair, world["data"]), run, progress=False, log=log1.append))
 
     # generations: the answers the models give outside the pipeline, with grades
-    for role in rundir.ROLES:
-        rows = sorted(read_rows(rundir.generations(run, role, "gsm8k")), key=lambda r: r["idx"])
+    for role in layout.ROLES:
+        rows = sorted(read_rows(layout.generations(run, role, "gsm8k")), key=lambda r: r["idx"])
         assert [r["idx"] for r in rows] == list(range(N_QUESTIONS))
         assert [r["answer_ids"] for r in rows] == [g.answer_ids for g in world[role]]
         assert [r["prompt_ids"] for r in rows] == world["prompts"]
-        meta = read_json(rundir.generations_meta(run, role, "gsm8k"))
+        meta = read_json(layout.generations_meta(run, role, "gsm8k"))
         assert meta["accuracy"]["total"] == N_QUESTIONS and "Wilson" in meta["accuracy"]["interval"]
-    assert {r["idx"] for r in read_rows(rundir.generations(run, "base", "gsm8k")) if r["correct"]} >= world["both"]
+    assert {r["idx"] for r in read_rows(layout.generations(run, "base", "gsm8k")) if r["correct"]} >= world["both"]
 
-    models = {role: load_model(str(path), "float64") for role, path in zip(rundir.ROLES, pair)}
+    models = {role: load_model(str(path), "float64") for role, path in zip(layout.ROLES, pair)}
     for alpha in (0.1, 0.5):
-        sel = read_json(rundir.selection(run, "gsm8k", alpha))
+        sel = read_json(layout.selection(run, "gsm8k", alpha))
         assert sel["counts"]["both_correct"] == len(world["both"])
         assert set(sel["idx"]) <= world["both"] and len(sel["idx"]) == min(5, sel["counts"]["cut"])
         assert sel["settings"]["length_rule"] == "paper" and sel["settings"]["delta"] == 0.9
         # attribution: the engine on samples rebuilt from the oracle generations
-        for role in rundir.ROLES:
-            W = Attribution.load(rundir.attribution(run, role, "gsm8k", alpha))
+        for role in layout.ROLES:
+            W = Attribution.load(layout.attribution(run, role, "gsm8k", alpha))
             samples = [{"prompt_ids": world["prompts"][i], "answer_ids": world[role][i].answer_ids,
                         "cut_len": sel["T_cut"]} for i in sel["idx"]]
             direct = attribute(models[role], samples, batch_size=5)
@@ -113,7 +114,7 @@ def test_full_pipeline_then_rerun_skips_everything(pair, world, tmp_path):
             assert np.abs(W.scores).sum() > 0
             assert W.meta["alpha"] == alpha and W.meta["idx"] == sel["idx"] and W.meta["T_cut"] == sel["T_cut"]
 
-    manifest = read_json(rundir.manifest(run))
+    manifest = read_json(layout.manifest(run))
     assert manifest["packages"]["torch"] and manifest["packages"]["transformers"]
     assert manifest["models"]["base"]["info"]["dtype"] == "float64"
     assert manifest["conventions"]["selection"]["length_rule"] == "paper"
@@ -126,28 +127,30 @@ def test_full_pipeline_then_rerun_skips_everything(pair, world, tmp_path):
     outputs = [p for p in run.rglob("*") if p.is_file() and p.name != "manifest.json"]
     stamps = {p: p.stat().st_mtime_ns for p in outputs}
     log2 = []
-    runner = Runner(make_config(pair, world["data"]), run, progress=False, log=log2.append)
-    runner()
-    assert runner.models.key is None and not any("wrote" in line or "re-graded" in line for line in log2)
+    loads = []
+    ctx = RunContext(make_config(pair, world["data"]), run, progress=False, log=log2.append)
+    ctx.models.on_load = lambda role, loaded: loads.append(role)
+    run_stages(ctx)
+    assert loads == [] and not any("wrote" in line or "re-graded" in line for line in log2)
     assert {p: p.stat().st_mtime_ns for p in outputs} == stamps
 
     # a new alpha adds its files and leaves the others alone
     log3 = []
-    Runner(make_config(pair, world["data"], alphas=[0.1, 0.5, 0.3]), run, progress=False, log=log3.append)()
-    assert rundir.attribution(run, "base", "gsm8k", 0.3).exists()
+    run_stages(RunContext(make_config(pair, world["data"], alphas=[0.1, 0.5, 0.3]), run, progress=False, log=log3.append))
+    assert layout.attribution(run, "base", "gsm8k", 0.3).exists()
     assert {p: p.stat().st_mtime_ns for p in outputs} == stamps
     assert sum("wrote" in line for line in log3) == 2  # base and tuned at alpha 0.3 only
 
     # a changed generation setting cannot silently mix answers
     with pytest.raises(UserError, match="changed: max_new_tokens"):
-        Runner(make_config(pair, world["data"], max_new_tokens=MAX_NEW + 1), run, progress=False, log=print)()
+        run_stages(RunContext(make_config(pair, world["data"], max_new_tokens=MAX_NEW + 1), run, progress=False, log=print))
 
     # a lost output is recomputed, identically, and nothing else is
-    path = rundir.attribution(run, "tuned", "gsm8k", 0.5)
+    path = layout.attribution(run, "tuned", "gsm8k", 0.5)
     before = Attribution.load(path).scores
     path.unlink()
     log4 = []
-    Runner(make_config(pair, world["data"]), run, progress=False, log=log4.append)()
+    run_stages(RunContext(make_config(pair, world["data"]), run, progress=False, log=log4.append))
     assert sum("wrote" in line for line in log4) == 1
     np.testing.assert_array_equal(Attribution.load(path).scores, before)
 
@@ -156,11 +159,11 @@ def test_self_pair_copies_the_answers(pair, world, tmp_path):
     run = tmp_path / "run"
     log = []
     cfg = make_config(pair, world["data"], tuned=str(pair[0]), alphas=[0.1])
-    Runner(cfg, run, progress=False, log=log.append)(until="select")
+    run_stages(RunContext(cfg, run, progress=False, log=log.append), until="select")
     assert any("copied" in line for line in log)
-    base = read_rows(rundir.generations(run, "base", "gsm8k"))
-    assert sorted(map(json.dumps, base)) == sorted(map(json.dumps, read_rows(rundir.generations(run, "tuned", "gsm8k"))))
-    sel = read_json(rundir.selection(run, "gsm8k", 0.1))
+    base = read_rows(layout.generations(run, "base", "gsm8k"))
+    assert sorted(map(json.dumps, base)) == sorted(map(json.dumps, read_rows(layout.generations(run, "tuned", "gsm8k"))))
+    sel = read_json(layout.selection(run, "gsm8k", 0.1))
     assert sel["counts"]["both_correct"] == sum(r["correct"] for r in base)
 
 
@@ -177,7 +180,7 @@ def test_kill_during_generation_then_resume(pair, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "circuitdiff", "run", str(config_path), "--out", str(run),
                              "--until", "grade", "--no-progress"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    target = rundir.generations(run, "base", "gsm8k")
+    target = layout.generations(run, "base", "gsm8k")
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None:
         if target.exists() and len(read_rows(target)) >= 4:
@@ -190,15 +193,15 @@ def test_kill_during_generation_then_resume(pair, tmp_path):
     assert 4 <= done_at_kill < 24
 
     log = []
-    Runner(parse_config(cfg), run, progress=False, log=log.append)(until="grade")
+    run_stages(RunContext(parse_config(cfg), run, progress=False, log=log.append), until="grade")
     assert any(f"{24 - done_at_kill} of 24 questions" in line for line in log)
     prompts, gens, _ = oracle_generate(pair[0], qs)
-    for role in rundir.ROLES:
-        got = sorted(read_rows(rundir.generations(run, role, "gsm8k")), key=lambda r: r["idx"])
+    for role in layout.ROLES:
+        got = sorted(read_rows(layout.generations(run, role, "gsm8k")), key=lambda r: r["idx"])
         assert [r["idx"] for r in got] == list(range(24))
         assert [r["answer_ids"] for r in got] == [g.answer_ids for g in gens]
         assert [r["prompt_ids"] for r in got] == prompts
-    assert read_json(rundir.manifest(run))["finished_stage"] == "grade"
+    assert read_json(layout.manifest(run))["finished_stage"] == "grade"
 
 
 # ---------------------------------------------------------------- config
@@ -251,9 +254,9 @@ def test_cli_reports_bad_config(tmp_path, capsys):
 
 
 def test_alpha_tag():
-    assert rundir.alpha_tag(0.1) == "alpha=0.1" and rundir.alpha_tag(0.03) == "alpha=0.03"
-    assert rundir.selection(Path("r"), "gsm8k", 0.5) == Path("r/selection/gsm8k/alpha=0.5.json")
-    assert rundir.attribution(Path("r"), "base", "math", 0.1) == Path("r/attribution/base/math/alpha=0.1.npz")
+    assert layout.alpha_tag(0.1) == "alpha=0.1" and layout.alpha_tag(0.03) == "alpha=0.03"
+    assert layout.selection(Path("r"), "gsm8k", 0.5) == Path("r/selection/gsm8k/alpha=0.5.json")
+    assert layout.attribution(Path("r"), "base", "math", 0.1) == Path("r/attribution/base/math/alpha=0.1.npz")
 
 
 def test_vllm_backend_without_vllm_is_a_clear_error(pair, world, tmp_path):
@@ -264,4 +267,4 @@ def test_vllm_backend_without_vllm_is_a_clear_error(pair, world, tmp_path):
     else:
         pytest.skip("vllm is installed: the import guard is not exercised")
     with pytest.raises(UserError, match="pip install vllm"):
-        Runner(make_config(pair, world["data"], backend="vllm"), tmp_path / "v", progress=False, log=print)()
+        run_stages(RunContext(make_config(pair, world["data"], backend="vllm"), tmp_path / "v", progress=False, log=print))

@@ -18,17 +18,9 @@ from tiny import tiny_model, tiny_samples
 from circuitdiff.attribute import attribute
 from circuitdiff.cli import main
 from circuitdiff.errors import UserError
-from circuitdiff.validate import (
-    Edge,
-    Validation,
-    EdgeEditor,
-    agreement,
-    all_edges,
-    exact_edge_effects,
-    parse_edge,
-    topk_overlap,
-    validate,
-)
+from circuitdiff.engine import EdgeEditor, exact_edge_effects
+from circuitdiff.graph import Edge, all_edges, parse_edge
+from circuitdiff.validate import Validation, agreement, topk_overlap, validate
 
 
 def gated_loss(forward, model, sample, gates: dict) -> float:

@@ -14,9 +14,10 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from circuitdiff.dtypes import DTYPE_NAMES
 from circuitdiff.errors import UserError
 from circuitdiff.prompts import INSTRUCTION, PRESETS
-from circuitdiff.rundir import dataset_key
+from circuitdiff.store.layout import ROLES, dataset_key
 
 
 class _Strict(BaseModel):
@@ -81,6 +82,41 @@ class SelectionConfig(_Strict):
     cut_rule: Literal["paper", "authors"] = "paper"
 
 
+Role = Literal[ROLES]
+
+
+class ValidationConfig(_Strict):
+    """The optional `validation` stage: EAP vs exact edge ablation on a few selected samples."""
+
+    roles: list[Role] = Field(default_factory=lambda: ["tuned"], min_length=1)
+    dataset: str | None = Field(None, description="dataset key; None: every dataset of the run")
+    alpha: float | None = Field(None, description="None: the run's first alpha")
+    n_samples: int = Field(4, gt=0, description="the first N selected samples")
+    granularity: Literal["block", "qkv", "head"] = "block"
+    max_edges: int | None = Field(-1, description="-1: every edge at block, 300 random at qkv/head; None: every edge")
+    seed: int = 0
+    sign_threshold: float = Field(1e-5, gt=0)
+    batch_size: int = Field(32, ge=2, description="rows per forward: 1 clean + B-1 edges (does not change a result)")
+
+
+class InterventionConfig(_Strict):
+    """The optional `intervention` stage: scale chosen edges vs random control edges."""
+
+    role: Role = "tuned"
+    dataset: str | None = Field(None, description="dataset key; None: every dataset of the run")
+    alpha: float | None = Field(None, description="None: the run's first alpha")
+    edges: str = Field("top-grown", description="top-grown, top, or a comma list 'u->d,...'")
+    k: int = Field(10, gt=0)
+    factor: float = 0.0
+    n_random: int = Field(5, ge=0)
+    n_questions: int = Field(40, gt=0)
+    max_new_tokens: int | None = Field(None, gt=0, description="None: the run's max_new_tokens")
+    accuracy: bool = True
+    seed: int = 0
+    gen_batch_size: int = Field(16, gt=0)
+    loss_batch_size: int = Field(8, gt=0)
+
+
 class RunConfig(_Strict):
     name: str = "run"
     out: str | None = Field(None, description="run directory (default: runs/<name>); --out overrides it")
@@ -92,7 +128,7 @@ class RunConfig(_Strict):
     seed: int = 0
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     granularity: Literal["block", "qkv", "head"] = "block"
-    dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"
+    dtype: Literal[DTYPE_NAMES] = "float32"
     device: str = "cpu"
     attn_implementation: str = "sdpa"
     backend: Literal["hf", "vllm"] = "hf"
@@ -102,6 +138,8 @@ class RunConfig(_Strict):
     gen_batch_size: int = Field(16, gt=0)
     attr_batch_size: int = Field(1, gt=0)
     gradient_checkpointing: bool = False
+    validation: ValidationConfig | None = Field(None, description="run the validation stage after attribution")
+    intervention: InterventionConfig | None = Field(None, description="run the intervention stage after validation")
 
     @field_validator("alphas")
     @classmethod

@@ -19,6 +19,8 @@ from functools import cached_property
 
 import numpy as np
 
+from circuitdiff.errors import UserError
+
 GRANULARITIES = ("block", "qkv", "head")
 
 
@@ -126,3 +128,54 @@ def node_position(name: str, n_layers: int) -> float:
     if kind == "logits":
         return float(n_layers + 1)
     return layer + 1.0 + (0.5 if kind == "mlp" else 0.0)
+
+
+def dst_layer(dst: str, n_layers: int) -> int:
+    """The decoder layer that reads destination `dst` (logits -> n_layers)."""
+    kind, layer, _ = parse_node(dst)
+    return n_layers if kind == "logits" else int(layer)
+
+
+# ---------------------------------------------------------------- edges
+@dataclass(frozen=True)
+class Edge:
+    """One edge of the residual graph, by node names."""
+
+    src: str
+    dst: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.src}->{self.dst}"
+
+
+def parse_edge(text: str, graph: Graph) -> Edge:
+    """'attn.3->mlp.5' -> Edge, checked against `graph` (UserError for an unknown or impossible edge)."""
+    src, sep, dst = text.strip().partition("->")
+    src, dst = src.strip(), dst.strip()
+    if not sep or not src or not dst:
+        raise UserError(f"edge {text!r} is not of the form 'src->dst' (e.g. 'attn.3->mlp.5')")
+    if src not in graph.src_index:
+        raise UserError(f"edge {text!r}: unknown source {src!r} at granularity {graph.granularity} "
+                        f"(sources: embed, {graph.src_names[1]}, ..., {graph.src_names[-1]})")
+    if dst not in graph.dst_index:
+        raise UserError(f"edge {text!r}: unknown destination {dst!r} at granularity {graph.granularity} "
+                        f"(destinations: {graph.dst_names[0]}, ..., {graph.dst_names[-1]})")
+    if not graph.edge_mask[graph.dst_index[dst], graph.src_index[src]]:
+        raise UserError(f"edge {text!r} does not exist: {src} does not come before {dst} in the residual stream")
+    return Edge(src, dst)
+
+
+def as_edge(edge: Edge | str, graph: Graph) -> Edge:
+    """An Edge or its 'src->dst' text, checked against `graph`."""
+    return parse_edge(edge.name if isinstance(edge, Edge) else str(edge), graph)
+
+
+def all_edges(graph: Graph) -> list[Edge]:
+    """Every real edge, destinations in residual order, sources in order within each."""
+    return [Edge(graph.src_names[u], graph.dst_names[d]) for d, u in zip(*np.nonzero(graph.edge_mask))]
+
+
+def edge_index(edges: list[Edge], graph: Graph) -> tuple[list[int], list[int]]:
+    """(destination rows, source columns) of `edges` in W [.., n_dst, n_src]."""
+    return [graph.dst_index[e.dst] for e in edges], [graph.src_index[e.src] for e in edges]

@@ -1,4 +1,4 @@
-"""Stage `intervene`: scale chosen edges inside one model and measure loss and task accuracy.
+"""`intervene`: scale chosen edges inside one model and measure loss and task accuracy.
 
 Scaling edge (u -> d) by a factor c means destination d receives x_d - (1 - c) * O_u
 (c = 0 removes the edge, c = 1 changes nothing); every other node is unchanged except that
@@ -27,18 +27,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable, Sequence
 
 import numpy as np
-import torch
 
-from circuitdiff import io, rundir
-from circuitdiff.engine import answer_loss, make_batch
+from circuitdiff import io
 from circuitdiff.errors import UserError
-from circuitdiff.graph import Graph
-from circuitdiff.models.adapters import get_module
-from circuitdiff.validate import Edge, EdgeEditor, all_edges, parse_edge
+from circuitdiff.graph import Edge, Graph, all_edges, as_edge, edge_index
 
 INTERVENTION_CONVENTION = (
     "edge u->d scaled by factor c: d receives x_d - (1-c)*O_u, O_u = u's output in the same (intervened) forward "
@@ -47,6 +42,7 @@ INTERVENTION_CONVENTION = (
 LOSS_CONVENTION = "per question: mean NLL of the model's own greedy answer answer_ids[:cut_len] given the prompt"
 ACCURACY_CONVENTION = "per question: a fresh greedy answer generated with the intervention active, graded with circuitdiff.grade"
 GROWTH_CONVENTION = "top-grown: largest absolute growth mean|W_tuned| - mean|W_base| (mean over samples), real edges only"
+SELECTORS = ("top", "top-grown")
 
 
 # ---------------------------------------------------------------- edge choice
@@ -54,8 +50,8 @@ def edge_values(scores: np.ndarray, graph: Graph) -> tuple[list[Edge], np.ndarra
     """(every real edge, its mean |W| over samples) from scores [n_samples, n_dst, n_src]."""
     edges = all_edges(graph)
     mean_abs = np.abs(np.asarray(scores, dtype=np.float64)).mean(0)
-    values = np.array([mean_abs[graph.dst_index[e.dst], graph.src_index[e.src]] for e in edges])
-    return edges, values
+    rows, cols = edge_index(edges, graph)
+    return edges, mean_abs[rows, cols]
 
 
 def top_edges(values: np.ndarray, edges: list[Edge], k: int) -> list[Edge]:
@@ -80,42 +76,26 @@ def random_draws(edges: list[Edge], exclude: Sequence[Edge], k: int, n_draws: in
     return [[pool[i] for i in np.sort(rng.choice(len(pool), size=k, replace=False))] for _ in range(n_draws)]
 
 
-# ---------------------------------------------------------------- measuring
-@torch.no_grad()
-def losses_with_edits(model, editor: EdgeEditor, samples: list[dict], edits, batch_size: int = 8) -> np.ndarray:
-    """Per-sample answer loss [n_samples] (float64) with `edits` [(edge, coefficient)] active."""
-    adapter = editor.adapter
-    backbone = get_module(model, adapter.backbone)
-    device = model.get_input_embeddings().weight.device
-    pad_id = getattr(model.config, "pad_token_id", None) or 0
-    out = np.zeros(len(samples))
-    for start in range(0, len(samples), batch_size):
-        batch = make_batch(samples[start : start + batch_size], pad_id, device)
-        with editor.edits(edits):
-            hidden = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
-            out[start : start + batch_size] = answer_loss(model, adapter, hidden, batch).double().cpu().numpy()
-    return out
+def targeted_edges(selector: str, k: int, role: str, attrs: dict, graph: Graph) -> tuple[list[Edge], str]:
+    """(edges, how) for selector 'top' (largest mean |W| of `role`), 'top-grown' (largest mean|W_tuned| -
+    mean|W_base|) or a comma list 'u->d,...'. attrs: role -> Attribution (the roles the selector reads)."""
+    if selector == "top":
+        edges, values = edge_values(attrs[role].scores, graph)
+        n = len(attrs[role].scores)
+        return top_edges(values, edges, k), f"top {k} edges by mean |W| of {role} (mean over {n} samples)"
+    if selector == "top-grown":
+        edges, vb = edge_values(attrs["base"].scores, graph)
+        _, vt = edge_values(attrs["tuned"].scores, graph)
+        return top_edges(vt - vb, edges, k), f"top {k} edges by {GROWTH_CONVENTION.split(': ', 1)[1]}"
+    edges = [as_edge(t, graph) for t in selector.split(",") if t.strip()]
+    if not edges:
+        raise UserError(f"--edges {selector!r} names no edge; use top, top-grown or 'u->d,...'")
+    return edges, f"{len(edges)} given edges"
 
 
-def generate_with_edits(model, editor: EdgeEditor, prompts: list[list[int]], edits, *, eos_ids: Sequence[int],
-                        pad_id: int | None = None, max_new_tokens: int = 128, batch_size: int = 16) -> list:
-    """Greedy answers (generate.Generation: answer_ids before EOS, stop) with `edits` active, KV cache on.
-
-    Batching as the pipeline's generate stage (HFBackend: left padding, prompts sorted by length,
-    longest first); the order of the returned list is that of `prompts`.
-    """
-    from circuitdiff.generate import HFBackend
-
-    tokenizer = SimpleNamespace(eos_token_id=list(eos_ids), pad_token_id=pad_id)
-    backend = HFBackend(model, tokenizer, max_new_tokens)
-    order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
-    results: list = [None] * len(prompts)
-    with editor.edits(edits):
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            for i, gen in zip(rows, backend.generate([prompts[i] for i in rows])):
-                results[i] = gen
-    return results
+def selector_roles(selector: str, role: str) -> list[str]:
+    """The roles whose attribution files a selector reads."""
+    return {"top": [role], "top-grown": ["base", "tuned"]}.get(selector, [])
 
 
 # ---------------------------------------------------------------- statistics
@@ -182,6 +162,16 @@ class Intervention:
     def save(self, path: str | Path) -> Path:
         return io.write_json(path, self.to_json())
 
+    @classmethod
+    def from_json(cls, data: dict) -> "Intervention":
+        """The result `to_json` wrote (edges by name, per-question values as lists)."""
+        def edge(name: str) -> Edge:
+            return Edge(*name.split("->", 1))
+
+        return cls([edge(e) for e in data["targeted_edges"]], [[edge(e) for e in draw] for draw in data["random_edges"]],
+                   data["factor"], data["granularity"], data["per_question"]["loss"], data["per_question"]["correct"],
+                   data["effects"], data.get("meta", {}))
+
 
 def intervene(
     model,
@@ -210,17 +200,18 @@ def intervene(
     of len(targeted) random real edges (seeded). Both lists must hold the same questions in the
     same order when both are given (the bootstrap pairs them by position).
     """
+    from circuitdiff.engine import EdgeEditor, generate_with_edits, losses_with_edits
     from circuitdiff.grade import grade
 
     editor = EdgeEditor(model, granularity)
-    targeted = [parse_edge(e.name if isinstance(e, Edge) else e, editor.graph) for e in targeted]
+    targeted = [as_edge(e, editor.graph) for e in targeted]
     if not targeted:
         raise UserError("no edges to intervene on")
     if len(set(targeted)) != len(targeted):
         raise UserError("the targeted edges contain duplicates")
     if isinstance(random, int):
         random = random_draws(all_edges(editor.graph), targeted, len(targeted), random, seed)
-    random = [[parse_edge(e.name, editor.graph) for e in draw] for draw in random]
+    random = [[as_edge(e, editor.graph) for e in draw] for draw in random]
     if loss_samples is None and questions is None:
         raise UserError("nothing to measure: pass loss_samples and/or questions")
     coef = 1.0 - float(factor)
@@ -294,170 +285,3 @@ def summary_line(result: Intervention) -> str:
                      f"{max(draws):+.4f}), targeted - random {tr['mean']:+.4f} [{tr['ci'][0]:+.4f}, {tr['ci'][1]:+.4f}]")
         parts.append(text)
     return "; ".join(parts) + " (effects vs the unmodified model, 95% paired-bootstrap CIs over questions)"
-
-
-# ---------------------------------------------------------------- run directory
-def _load_attr(run: Path, role: str, dataset: str, alpha: float):
-    from circuitdiff.attribute import Attribution
-
-    path = rundir.attribution(run, role, dataset, alpha)
-    if not path.exists():
-        raise UserError(f"{path} does not exist; run the attribute stage first (or check --role/--dataset/--alpha)")
-    return Attribution.load(path)
-
-
-def choose_targeted(run: Path, role: str, dataset: str, alpha: float, selector: str, k: int, graph_of) -> tuple[list[Edge], str, str]:
-    """(edges, how, granularity) for selector 'top', 'top-grown' or a comma list 'u->d,...'.
-
-    graph_of(granularity) -> the model's Graph; the attribution files must match it.
-    """
-    if selector in ("top", "top-grown"):
-        roles = [role] if selector == "top" else ["base", "tuned"]
-        attrs = {r: _load_attr(run, r, dataset, alpha) for r in roles}
-        granularity = attrs[roles[0]].granularity
-        graph = graph_of(granularity)
-        for r, attr in attrs.items():
-            if attr.src_names != graph.src_names or attr.dst_names != graph.dst_names:
-                raise UserError(f"{rundir.attribution(run, r, dataset, alpha)}: its nodes do not match the {role} model "
-                                f"at granularity {granularity}; re-run attribution")
-        if selector == "top":
-            edges, values = edge_values(attrs[role].scores, graph)
-            n = len(attrs[role].scores)
-            return top_edges(values, edges, k), f"top {k} edges by mean |W| of {role} (mean over {n} samples)", granularity
-        edges, vb = edge_values(attrs["base"].scores, graph)
-        _, vt = edge_values(attrs["tuned"].scores, graph)
-        return top_edges(vt - vb, edges, k), f"top {k} edges by {GROWTH_CONVENTION.split(': ', 1)[1]}", granularity
-    attr_path = rundir.attribution(run, role, dataset, alpha)
-    granularity = _load_attr(run, role, dataset, alpha).granularity if attr_path.exists() else "block"
-    graph = graph_of(granularity)
-    edges = [parse_edge(t, graph) for t in selector.split(",") if t.strip()]
-    if not edges:
-        raise UserError(f"--edges {selector!r} names no edge; use top, top-grown or 'u->d,...'")
-    return edges, f"{len(edges)} given edges", granularity
-
-
-def run_questions(run: Path, role: str, dataset: str, alpha: float, n_questions: int) -> tuple[list[dict], list[dict], int]:
-    """(questions, loss samples, T_cut): the first n questions (by idx) of the role's generations.
-
-    Loss samples: each question's own greedy answer, cut_len = min(T_cut, answer length) with T_cut of
-    the selection; questions with an empty answer get no loss sample (loss is paired on the others).
-    """
-    gen, sel_path = rundir.generations(run, role, dataset), rundir.selection(run, dataset, alpha)
-    for path, stage in ((gen, "generate"), (sel_path, "select")):
-        if not path.exists():
-            raise UserError(f"{path} does not exist; run the {stage} stage first or check --run/--dataset/--alpha")
-    T_cut = int(io.read_json(sel_path)["T_cut"])
-    rows = sorted(io.read_jsonl_tolerant(gen), key=lambda r: r["idx"])[:n_questions]
-    if not rows:
-        raise UserError(f"{gen} holds no answers")
-    questions = [{"idx": r["idx"], "prompt_ids": r["prompt_ids"], "gold": r["gold"], "kind": r.get("kind", "numeric")} for r in rows]
-    samples = [{"idx": r["idx"], "prompt_ids": r["prompt_ids"], "answer_ids": r["answer_ids"],
-                "cut_len": min(T_cut, len(r["answer_ids"]))} for r in rows if r["answer_ids"]]
-    return questions, samples, T_cut
-
-
-def run_intervention(
-    run_dir: str | Path,
-    *,
-    role: str = "tuned",
-    dataset: str,
-    alpha: float,
-    edges: str = "top-grown",
-    k: int = 10,
-    factor: float = 0.0,
-    n_random: int = 5,
-    n_questions: int = 40,
-    max_new_tokens: int = 128,
-    accuracy: bool = True,
-    seed: int = 0,
-    dtype: str | None = None,
-    device: str = "cpu",
-    gen_batch_size: int = 16,
-    loss_batch_size: int = 8,
-    progress: bool = False,
-) -> Intervention:
-    """`intervene` on a run directory: model from manifest.json, edges from its attribution files."""
-    from circuitdiff.models import load_model
-    from circuitdiff.validate import run_model_spec
-
-    run = Path(run_dir)
-    spec, run_dtype = run_model_spec(run, role)
-    if k < 1:
-        raise UserError(f"--k {k} must be >= 1")
-    questions, samples, T_cut = run_questions(run, role, dataset, alpha, n_questions)
-    loaded = load_model(spec, dtype or run_dtype, device, tokenizer=accuracy)
-    hf = loaded.model
-
-    def graph_of(granularity):
-        return EdgeEditor(hf, granularity).graph
-
-    targeted, how, granularity = choose_targeted(run, role, dataset, alpha, edges, k, graph_of)
-    from circuitdiff.generate import eos_token_ids
-
-    tok = loaded.tokenizer
-    # pair the loss and the accuracy on the same questions: keep only questions with a loss sample
-    with_loss = {s["idx"] for s in samples}
-    questions = [q for q in questions if q["idx"] in with_loss] if accuracy else []
-    result = intervene(
-        hf, targeted, factor=factor, granularity=granularity, loss_samples=samples, questions=questions or None,
-        random=n_random, seed=seed, eos_ids=eos_token_ids(hf, tok) if accuracy else None,
-        pad_id=getattr(tok, "pad_token_id", None), decode=(lambda ids: tok.decode(ids, skip_special_tokens=True)) if accuracy else None,
-        max_new_tokens=max_new_tokens,
-        gen_batch_size=gen_batch_size, loss_batch_size=loss_batch_size, progress=progress,
-    )
-    result.meta.update({"run": str(run), "role": role, "dataset": dataset, "alpha": alpha, "model": spec,
-                        "edges_selector": edges, "edges_chosen": how, "k": len(targeted), "T_cut": T_cut,
-                        "question_idx": [s["idx"] for s in samples], "dtype": dtype or run_dtype})
-    return result
-
-
-def default_out(run_dir: str | Path, role: str, dataset: str, alpha: float, selector: str, k: int, factor: float) -> Path:
-    label = selector if selector in ("top", "top-grown") else "custom"
-    return (Path(run_dir) / "intervention" / role / dataset / rundir.alpha_tag(alpha)
-            / f"{label}_k={k}_factor={float(factor)!r}.json")
-
-
-# ---------------------------------------------------------------------- CLI
-def register_cli(subparsers) -> None:
-    p = subparsers.add_parser(
-        "intervene",
-        help="scale chosen edges (targeted vs random control) and measure loss and accuracy with CIs",
-        description="Scale edges u->d by FACTOR in one model of a run (d receives x_d - (1-FACTOR)*O_u) and measure "
-                    "the answer loss and greedy accuracy against the unmodified model and a random-edge control.",
-    )
-    p.add_argument("--run", required=True, help="run directory written by `circuitdiff run`")
-    p.add_argument("--role", choices=rundir.ROLES, default="tuned")
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--alpha", type=float, required=True, help="alpha of the attribution files and T_cut")
-    p.add_argument("--edges", default="top-grown",
-                   help="top-grown (largest mean|W_tuned| - mean|W_base|), top (largest mean|W| of the role), "
-                        "or a comma list 'u->d,...'")
-    p.add_argument("--k", type=int, default=10, help="number of edges for top/top-grown (default 10)")
-    p.add_argument("--factor", type=float, default=0.0, help="scale factor c (0 = remove, 1 = unchanged; default 0)")
-    p.add_argument("--n-random", type=int, default=5, help="random control draws of k edges (default 5)")
-    p.add_argument("--n-questions", type=int, default=40, help="first N questions of the role's generations (default 40)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--no-accuracy", action="store_true", help="measure the loss only (no generation)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float64"], help="default: the run's dtype")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--gen-batch-size", type=int, default=16)
-    p.add_argument("--out", help="output directory (default RUN_DIR/intervention/{role}/{dataset}/alpha={a}/)")
-    p.set_defaults(func=_run_cli)
-
-
-def _run_cli(args) -> int:
-    if args.n_random < 0:
-        raise UserError(f"--n-random {args.n_random} must be >= 0")
-    result = run_intervention(
-        args.run, role=args.role, dataset=args.dataset, alpha=args.alpha, edges=args.edges, k=args.k, factor=args.factor,
-        n_random=args.n_random, n_questions=args.n_questions, max_new_tokens=args.max_new_tokens,
-        accuracy=not args.no_accuracy, seed=args.seed, dtype=args.dtype, device=args.device,
-        gen_batch_size=args.gen_batch_size, progress=True,
-    )
-    path = default_out(args.run, args.role, args.dataset, args.alpha, args.edges, len(result.targeted), args.factor)
-    if args.out:
-        path = Path(args.out) / path.name
-    result.save(path)
-    print(f"wrote {path}: {summary_line(result)}")
-    return 0

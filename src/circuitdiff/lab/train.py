@@ -35,57 +35,9 @@ from circuitdiff.errors import UserError
 from circuitdiff.grade import grade
 from circuitdiff.lab.reward import CONVENTION as REWARD_CONVENTION
 from circuitdiff.lab.reward import trl_reward
-from circuitdiff.prompts import INSTRUCTION, render
-
-ALGORITHMS = ("sft", "grpo", "dpo")
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@dataclass
-class TrainSettings:
-    algorithm: str
-    base: str = "smollm2-135m-instruct"
-    dataset: str = "gsm8k"
-    split: str = "train"
-    limit: int | None = None  # first n training problems
-    prompt: str = "chat"
-    instruction: str = INSTRUCTION
-    steps: int = 100
-    save_every: int = 20
-    learning_rate: float = 1e-4
-    seed: int = 0
-    # LoRA
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    lora_targets: tuple[str, ...] = LORA_TARGETS
-    # sampling (grpo, and dpo's pair building)
-    temperature: float = 1.0
-    max_completion_length: int = 200
-    # grpo
-    questions_per_step: int = 8
-    num_generations: int = 4
-    epsilon: float = 0.2
-    epsilon_high: float = 0.28
-    # dpo
-    dpo_beta: float = 0.1
-    dpo_samples: int = 4
-    # sft / dpo
-    batch_size: int = 8
-    gradient_checkpointing: bool = False  # recompute activations in backward (big models); off: faster
-    dtype: str = "float32"
-    device: str = "auto"  # "auto": cuda when available, else cpu
-    extra: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.algorithm not in ALGORITHMS:
-            raise UserError(f"algorithm {self.algorithm!r} is unknown; use one of {', '.join(ALGORITHMS)}")
-        if self.steps < 1 or self.save_every < 1:
-            raise UserError("steps and save_every must be >= 1")
-        if self.algorithm == "grpo" and self.num_generations < 2:
-            raise UserError("grpo needs num_generations >= 2 (advantages are relative to the group)")
-        self.lora_targets = tuple(self.lora_targets)
-
+from circuitdiff.lab.settings import TrainSettings
+from circuitdiff.prompts import render
+from circuitdiff.store import layout
 
 # ---------------------------------------------------------------------- data
 
@@ -167,7 +119,7 @@ def sample_answers(model, tokenizer, prompts: list[str], n: int, temperature: fl
 
 def dpo_rows(settings: TrainSettings, model, tokenizer, out: Path) -> list[dict]:
     """Pairs from the base model's own samples; cached in OUT/dpo_pairs.jsonl (a rerun reuses them)."""
-    cache = out / "dpo_pairs.jsonl"
+    cache = layout.dpo_pairs(out)
     if cache.exists():
         return io.read_jsonl(cache)
     problems = load_problems(settings.dataset, settings.split, limit=settings.limit)
@@ -189,12 +141,6 @@ def dpo_rows(settings: TrainSettings, model, tokenizer, out: Path) -> list[dict]
 
 # ---------------------------------------------------------------------- model
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 class _NameBase:
     """TrainerCallback: every saved adapter names the base by its circuitdiff spec (not a cache path)."""
 
@@ -202,7 +148,7 @@ class _NameBase:
         self.base_spec = base_spec
 
     def on_save(self, args, state, control, **kwargs):
-        name_base(Path(args.output_dir) / f"checkpoint-{state.global_step}", self.base_spec)
+        name_base(layout.train_checkpoint(Path(args.output_dir), state.global_step), self.base_spec)
 
 
 def name_base(adapter_dir: Path, base_spec: str) -> None:
@@ -213,15 +159,6 @@ def name_base(adapter_dir: Path, base_spec: str) -> None:
         io.write_text(config_path, json.dumps(config, indent=2))
 
 
-def checkpoints(out: str | Path) -> list[tuple[int, Path]]:
-    """(step, dir) of every checkpoint in a training output dir, by step."""
-    found = []
-    for path in Path(out).glob("checkpoint-*"):
-        if path.name.split("-")[-1].isdigit() and (path / "adapter_config.json").exists():
-            found.append((int(path.name.split("-")[-1]), path))
-    return sorted(found)
-
-
 # ---------------------------------------------------------------------- train
 
 def train(settings: TrainSettings, out: str | Path, callbacks: list | None = None, log=print) -> Path:
@@ -229,7 +166,7 @@ def train(settings: TrainSettings, out: str | Path, callbacks: list | None = Non
     from peft import LoraConfig
     from transformers import TrainerCallback, set_seed
 
-    from circuitdiff.models import load_model
+    from circuitdiff.models import load_model, resolve_device
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -242,7 +179,7 @@ def train(settings: TrainSettings, out: str | Path, callbacks: list | None = Non
     record = {"settings": asdict(settings), "device": device, "base_info": loaded.info,
               "reward": REWARD_CONVENTION, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "conventions": _conventions(settings)}
-    io.write_json(out / "train.json", record)
+    io.write_json(layout.train_record(out), record)
 
     lora = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
                       target_modules=list(settings.lora_targets), task_type="CAUSAL_LM")
@@ -254,16 +191,16 @@ def train(settings: TrainSettings, out: str | Path, callbacks: list | None = Non
                   gradient_checkpointing=settings.gradient_checkpointing)
     name_cb = type("NameBase", (_NameBase, TrainerCallback), {})(settings.base)
     trainer = _make_trainer(settings, model, tokenizer, lora, common, out, [name_cb] + list(callbacks or []))
-    done = checkpoints(out)
+    done = layout.find_checkpoints(out)
     if done:
         log(f"train: resuming from {done[-1][1]}")
     trainer.train(resume_from_checkpoint=True if done else None)
-    final = out / "final"
+    final = layout.train_final(out)
     trainer.model.save_pretrained(str(final))
     name_base(final, settings.base)
     record.update({"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "log_history": trainer.state.log_history,
-                   "checkpoints": [str(p) for _, p in checkpoints(out)], "final": str(final)})
-    io.write_json(out / "train.json", record)
+                   "checkpoints": [str(p) for _, p in layout.find_checkpoints(out)], "final": str(final)})
+    io.write_json(layout.train_record(out), record)
     return final
 
 
@@ -317,62 +254,3 @@ def _conventions(s: TrainSettings) -> dict:
                 f"question, temperature {s.temperature}): a correct answer chosen over a wrong one"),
     }[s.algorithm]
     return {"algorithm": algo, "common": common, "data": f"{s.dataset} {s.split}" + (f" (first {s.limit})" if s.limit else "")}
-
-
-# ---------------------------------------------------------------------- CLI
-
-def register_cli(subparsers) -> None:
-    p = subparsers.add_parser(
-        "train",
-        help="post-train a base with SFT, GRPO (DAPO loss) or DPO (TRL + LoRA), checkpoints every k steps",
-        description="Train one algorithm from one base on one dataset; checkpoints are LoRA dirs that "
-                    "`circuitdiff run`/`track` load. A rerun with the same --out resumes.",
-    )
-    d = TrainSettings("grpo")
-    p.add_argument("algorithm", choices=ALGORITHMS)
-    p.add_argument("--base", default=d.base, help="model spec (default: the offline SmolLM2-135M-Instruct)")
-    p.add_argument("--dataset", default=d.dataset, help="training problems (gsm8k, arith, math, ...)")
-    p.add_argument("--split", default=d.split)
-    p.add_argument("--limit", type=int, help="use the first n problems")
-    p.add_argument("--prompt", default=d.prompt, help="prompt preset (chat, deepseek, mistral, qwen-chatml, plain)")
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--save-every", type=int, default=d.save_every)
-    p.add_argument("--lr", type=float, default=d.learning_rate)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--lora-r", type=int, default=d.lora_r)
-    p.add_argument("--lora-alpha", type=int, default=d.lora_alpha)
-    p.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature (grpo, dpo pairs)")
-    p.add_argument("--max-completion-length", type=int, default=d.max_completion_length)
-    p.add_argument("--questions-per-step", type=int, default=d.questions_per_step, help="grpo")
-    p.add_argument("--num-generations", type=int, default=d.num_generations, help="grpo group size")
-    p.add_argument("--dpo-samples", type=int, default=d.dpo_samples)
-    p.add_argument("--dpo-beta", type=float, default=d.dpo_beta)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sft/dpo")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="less memory, slower (big models)")
-    p.add_argument("--dtype", default=d.dtype)
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--out", required=True, help="output dir (checkpoint-{step}/, final/, train.json)")
-    p.add_argument("--track-dataset", help="track each checkpoint as it is saved (`circuitdiff track` on this test set)")
-    p.add_argument("--track-limit", type=int, help="track on the first n test problems")
-    p.add_argument("--track-out", help="tracking output dir (default OUT/track)")
-    p.set_defaults(func=_run_cli)
-
-
-def _run_cli(args) -> int:
-    settings = TrainSettings(
-        algorithm=args.algorithm, base=args.base, dataset=args.dataset, split=args.split, limit=args.limit,
-        prompt=args.prompt, steps=args.steps, save_every=args.save_every, learning_rate=args.lr, seed=args.seed,
-        lora_r=args.lora_r, lora_alpha=args.lora_alpha, temperature=args.temperature,
-        max_completion_length=args.max_completion_length, questions_per_step=args.questions_per_step,
-        num_generations=args.num_generations, dpo_samples=args.dpo_samples, dpo_beta=args.dpo_beta,
-        batch_size=args.batch_size, gradient_checkpointing=args.gradient_checkpointing, dtype=args.dtype, device=args.device,
-    )
-    callbacks = []
-    if args.track_dataset:
-        from circuitdiff.lab.track import TrackCallback, TrackSettings
-
-        callbacks.append(TrackCallback(TrackSettings(dataset=args.track_dataset, limit=args.track_limit,
-                                                     device=args.device), out=args.track_out))
-    final = train(settings, args.out, callbacks=callbacks)
-    print(f"wrote {final} (LoRA adapter; checkpoints in {args.out}/checkpoint-*; settings in {args.out}/train.json)")
-    return 0

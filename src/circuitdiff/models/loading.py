@@ -25,14 +25,10 @@ from pathlib import Path
 
 import torch
 
+from circuitdiff.dtypes import DTYPE_NAMES
 from circuitdiff.errors import UserError
 
-DTYPES = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float64": torch.float64,
-}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -70,6 +66,21 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if dtype not in DTYPES:
         raise UserError(f"dtype {dtype!r} is unknown; use one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
+
+
+def resolve_device(device: str) -> str:
+    """"auto" for training and tracking: cuda when available, else cpu; anything else as given."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_model(model, dtype: str | torch.dtype = "float32", device: str = "cpu"):
+    """(spec, model as given or loaded, the Hugging Face causal LM): a spec string is loaded in dtype on device."""
+    spec = model if isinstance(model, str) else getattr(model, "spec", type(model).__name__)
+    if isinstance(model, str):
+        model = load_model(model, dtype, device, tokenizer=False)
+    return spec, model, model.model if isinstance(model, LoadedModel) else model
 
 
 def load_model(

@@ -8,7 +8,6 @@ report.html. Pairs with only one model, or whose files disagree, are skipped and
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from circuitdiff import io
@@ -17,12 +16,13 @@ from circuitdiff.report import tables
 from circuitdiff.report.accuracy import accuracy_rows
 from circuitdiff.report.compute import PairResult, Settings, analyse_pair
 from circuitdiff.report.html import Figure, RawHtml, Section, Table, render_page
-from circuitdiff.report.rundir import index_run, load_pair
+from circuitdiff.report.pairs import index_run, load_pair
 from circuitdiff.report.sections import SECTION_BUILDERS, ReportContext
+from circuitdiff.store import layout
 
 __all__ = [
     "Figure", "RawHtml", "Section", "Settings", "Table", "ReportContext", "SECTION_BUILDERS",
-    "analyse_run", "build_report", "register_cli",
+    "analyse_run", "build", "build_report", "parse_range",
 ]  # fmt: skip
 
 
@@ -82,17 +82,18 @@ def build_report(
     builders=None,
 ) -> Path:
     """Analyse the run and write the report files; returns the report directory."""
-    return _build(run_dir, settings, out_dir, builders).out_dir
+    return build(run_dir, settings, out_dir, builders).out_dir
 
 
-def _build(run_dir, settings: Settings, out_dir, builders) -> ReportContext:
+def build(run_dir, settings: Settings = Settings(), out_dir=None, builders=None) -> ReportContext:
+    """Analyse the run, write the report files, and return the context (results, skipped pairs)."""
     run_dir = Path(run_dir)
-    out = Path(out_dir) if out_dir is not None else run_dir / "report"
+    out = Path(out_dir) if out_dir is not None else layout.report_dir(run_dir)
     results, skipped, index = analyse_run(run_dir, settings)
     ctx = ReportContext(run_dir, out, settings, index, results, skipped)
     sections: list[Section] = []
-    for build in builders if builders is not None else SECTION_BUILDERS:
-        sections += build(ctx)
+    for builder in builders if builders is not None else SECTION_BUILDERS:
+        sections += builder(ctx)
 
     io.write_text(out / "metrics.csv", tables.to_csv(tables.csv_rows(results, settings)))
     ne = node_entropy_rows(results, settings)
@@ -118,8 +119,8 @@ def _build(run_dir, settings: Settings, out_dir, builders) -> ReportContext:
     return ctx
 
 
-# ---------------------------------------------------------------------- CLI
-def _parse_range(text: str) -> tuple[float, float] | None:
+def parse_range(text: str) -> tuple[float, float] | None:
+    """The histogram range option: 'shared' (None) or LO:HI."""
     if text == "shared":
         return None
     try:
@@ -129,54 +130,3 @@ def _parse_range(text: str) -> tuple[float, float] | None:
     if not hi > lo:
         raise UserError(f"--range {text!r}: HI must be larger than LO")
     return (lo, hi)
-
-
-def register_cli(subparsers) -> None:
-    p = subparsers.add_parser(
-        "report",
-        help="metrics with CIs, Table-1 style tables, figures and report.html for a run directory",
-        description="Compute the circuit metrics of base and tuned for every (dataset, alpha) in RUN_DIR, "
-        "with paired bootstrap CIs and permutation tests, and write RUN_DIR/report/.",
-    )
-    p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--out", help="output directory (default RUN_DIR/report)")
-    p.add_argument("--entries", default="all,edges",
-                   help="comma list of 'all' (dense n_dst x n_src, paper-compatible) and 'edges' (real edges only); "
-                        "the first drives the figures (default all,edges)")  # fmt: skip
-    p.add_argument("--bins", type=int, default=100, help="histogram bins for Information Complexity (default 100)")
-    p.add_argument("--range", default="shared", help="histogram range: 'shared' = [0, max|W| of base and tuned] per pair (default) or LO:HI")
-    p.add_argument("--log-base", choices=["e", "2", "10"], default="e", help="entropy log base (default e)")
-    p.add_argument("--eps", type=float, default=1e-12, help="entropy: -sum p log(p + eps) (default 1e-12)")
-    p.add_argument("--n-boot", type=int, default=10000, help="bootstrap resamples (default 10000)")
-    p.add_argument("--n-perm", type=int, default=10000, help="sign flips of the permutation test (default 10000)")
-    p.add_argument("--ci", choices=["percentile", "bca"], default="percentile", help="bootstrap interval (default percentile)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ref-alpha", type=float, default=0.1, help="alpha of the diversity and node-entropy figures (closest available)")
-    p.set_defaults(func=_run_cli)
-
-
-def _run_cli(args) -> int:
-    try:
-        settings = Settings(
-            entries=tuple(e.strip() for e in args.entries.split(",") if e.strip()),
-            bins=args.bins,
-            range=_parse_range(args.range),
-            log_base=args.log_base,
-            eps=args.eps,
-            n_boot=args.n_boot,
-            n_perm=args.n_perm,
-            ci=args.ci,
-            seed=args.seed,
-            ref_alpha=args.ref_alpha,
-        )
-    except ValueError as err:
-        raise UserError(f"{err}; see `circuitdiff report --help`") from None
-    ctx = _build(args.run_dir, settings, args.out, None)
-    for dataset, alpha, why in ctx.skipped:
-        print(f"circuitdiff: skipped {dataset} alpha={alpha}: {why}", file=sys.stderr)
-    print(
-        f"wrote {ctx.out_dir}/report.html (+ metrics.csv, table.md, table.tex, figures) for "
-        f"{len(ctx.results)} (dataset, alpha) pairs; entries={','.join(settings.entries)}, bins={settings.bins}, "
-        f"range={settings.range_label}, log base={settings.log_base}, n_boot={settings.n_boot}, seed={settings.seed}"
-    )
-    return 0

@@ -1,6 +1,6 @@
 """Task accuracy of base and tuned on the same questions, paired (from the run's generations files).
 
-Reads ``generations/{base,tuned}/{dataset}.jsonl``, pairs the rows by question idx, and gives each
+Reads both models' generations files, pairs the rows by question idx, and gives each
 model's accuracy with a Wilson 95% interval and tuned - base with a paired bootstrap CI and an
 exact McNemar p (`circuitdiff.stats.accuracy_difference`).
 """
@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from circuitdiff.generate import read_rows
 from circuitdiff.grade import accuracy
 from circuitdiff.report.html import Section, Table
 from circuitdiff.stats import accuracy_difference
+from circuitdiff.store import artifacts, layout
 
 N_BOOT = 10000
 
@@ -21,12 +21,12 @@ def accuracy_rows(run_dir: str | Path, n_boot: int = N_BOOT, seed: int = 0) -> l
     """One row per dataset answered by both models: accuracies, their CIs, the paired difference."""
     run_dir = Path(run_dir)
     rows = []
-    for base_path in sorted((run_dir / "generations" / "base").glob("*.jsonl")):
-        tuned_path = run_dir / "generations" / "tuned" / base_path.name
-        if not tuned_path.exists():
+    tuned_files = layout.find_generations(run_dir, "tuned")
+    for dataset in layout.find_generations(run_dir, "base"):
+        if dataset not in tuned_files:
             continue
-        base = {r["idx"]: bool(r["correct"]) for r in read_rows(base_path)}
-        tuned = {r["idx"]: bool(r["correct"]) for r in read_rows(tuned_path)}
+        base = {r["idx"]: bool(r["correct"]) for r in artifacts.read_generations(run_dir, "base", dataset)}
+        tuned = {r["idx"]: bool(r["correct"]) for r in artifacts.read_generations(run_dir, "tuned", dataset)}
         common = sorted(set(base) & set(tuned))
         if not common:
             continue
@@ -34,7 +34,7 @@ def accuracy_rows(run_dir: str | Path, n_boot: int = N_BOOT, seed: int = 0) -> l
         acc_b, acc_t = accuracy(b), accuracy(t)
         d = accuracy_difference(b, t, n_boot=n_boot, seed=seed)
         rows.append({
-            "dataset": base_path.stem, "n_questions": d.n,
+            "dataset": dataset, "n_questions": d.n,
             "base": acc_b.accuracy, "base_ci_low": acc_b.ci_low, "base_ci_high": acc_b.ci_high,
             "tuned": acc_t.accuracy, "tuned_ci_low": acc_t.ci_low, "tuned_ci_high": acc_t.ci_high,
             "diff": d.diff, "diff_ci_low": d.diff_ci[0], "diff_ci_high": d.diff_ci[1],

@@ -14,7 +14,7 @@ import numpy as np
 from circuitdiff import metrics as M
 from circuitdiff import stats as S
 from circuitdiff.graph import parse_node
-from circuitdiff.report.rundir import PairData
+from circuitdiff.report.pairs import PairData
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from circuitdiff.report import figures, tables
 from circuitdiff.report.accuracy import accuracy_section
 from circuitdiff.report.compute import PairResult, Settings
 from circuitdiff.report.html import Figure, Section, Table
-from circuitdiff.report.rundir import RunIndex
+from circuitdiff.report.pairs import RunIndex
 from circuitdiff.report.validation import validation_section
 
 

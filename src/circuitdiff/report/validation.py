@@ -1,25 +1,18 @@
 """Report section for `circuitdiff validate` and `circuitdiff intervene` results in a run directory.
 
-Reads RUN/validation/{role}/{dataset}/alpha={a}.json (+ the PNG it names) and
-RUN/intervention/{role}/{dataset}/alpha={a}/*.json. No files: no section. A file that cannot be
+Reads the run's validation results (+ the PNG each names) and intervention results (store.layout
+finds them). No files: no section. A file that cannot be
 read is listed by name instead of stopping the report.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from circuitdiff.report.html import Figure, Section, Table
 from circuitdiff.report.tables import fmt
-
-
-def _read(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+from circuitdiff.store import layout
+from circuitdiff.store.artifacts import read_result as _read
 
 
 def _ci(effect: dict | None) -> str:
@@ -34,13 +27,12 @@ def validation_blocks(run_dir: Path) -> tuple[list, list[str]]:
     header = ["role", "dataset", "alpha", "granularity", "edges", "samples", "Spearman", "Pearson", "Spearman |.|",
               "sign agreement", "top-10 overlap", "top-5% overlap", "Spearman pooled"]
     rows, figures, bad = [], [], []
-    for path in sorted((run_dir / "validation").glob("*/*/alpha=*.json")):
+    for role, dataset, alpha, path in layout.find_validations(run_dir):
         data = _read(path)
         s = (data or {}).get("summary")
         if not isinstance(s, dict):
             bad.append(str(path.relative_to(run_dir)))
             continue
-        role, dataset, alpha = path.parent.parent.name, path.parent.name, path.stem[len("alpha="):]
         rows.append([role, dataset, alpha, str(data.get("granularity")), f"{data.get('n_edges')} ({s.get('edges_chosen', '')})",
                      str(data.get("n_samples")), fmt(s["spearman"]), fmt(s["pearson"]), fmt(s.get("spearman_abs", float("nan"))),
                      f"{fmt(s['sign_agreement'])} of {s['n_sign_edges']} edges with |dL| > {s['sign_threshold']:g}"
@@ -61,14 +53,13 @@ def intervention_blocks(run_dir: Path) -> tuple[list, list[str]]:
     header = ["role", "dataset", "alpha", "edges", "factor", "measure", "n", "unmodified", "targeted - unmodified [95% CI]",
               "random - unmodified [95% CI]", "random draws", "targeted - random [95% CI]"]
     rows, bad = [], []
-    for path in sorted((run_dir / "intervention").glob("*/*/alpha=*/*.json")):
+    for role, dataset, alpha, path in layout.find_interventions(run_dir):
         data = _read(path)
         effects = (data or {}).get("effects")
         if not isinstance(effects, dict):
             bad.append(str(path.relative_to(run_dir)))
             continue
         meta = data.get("meta", {})
-        role, dataset, alpha = path.parent.parent.parent.name, path.parent.parent.name, path.parent.name[len("alpha="):]
         edges = f"{meta.get('edges_selector', '?')}, k={len(data.get('targeted_edges', []))}"
         for metric, unit in (("loss", " nats"), ("accuracy", "")):
             e = effects.get(metric)

@@ -1,22 +1,20 @@
-"""Read a run directory: which (dataset, alpha) pairs have W for both models, and their files.
+"""Which (dataset, alpha) pairs of a run have W for both models, read and matched sample by sample.
 
-Layout (BRIEF.md): ``attribution/{role}/{dataset}/alpha={a}.npz`` for role in base/tuned,
-``selection/{dataset}/alpha={a}.json``, ``manifest.json``. Pairs with only one role, or
-whose two files disagree (sample count, node names), are skipped with a reason.
+Pairs with only one role, or whose two files disagree (sample count, node names), are skipped
+with a reason. Samples are matched by the question idx each W file records (its meta), else
+by position.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from circuitdiff import io
 from circuitdiff.errors import UserError
-
-ROLES = ("base", "tuned")
+from circuitdiff.store import artifacts, layout
+from circuitdiff.store.artifacts import Attribution
 
 
 @dataclass(frozen=True)
@@ -35,23 +33,10 @@ class PairRef:
 
 
 @dataclass
-class Attr:
-    """The content of one W.npz."""
-
-    scores: np.ndarray  # [n_samples, n_dst, n_src]
-    src_names: list[str]
-    dst_names: list[str]
-    edge_mask: np.ndarray  # bool [n_dst, n_src]
-    granularity: str
-    loss: np.ndarray  # [n_samples]
-    meta: dict
-
-
-@dataclass
 class PairData:
     ref: PairRef
-    base: Attr
-    tuned: Attr
+    base: Attribution
+    tuned: Attribution
     selection: dict = field(default_factory=dict)
     paired_by: str = "position"  # "question idx" when both files record their samples' idx
 
@@ -64,29 +49,12 @@ class RunIndex:
     skipped: list[tuple[str, str, str]]  # (dataset, alpha, reason)
 
 
-def _alpha_of(path: Path) -> str | None:
-    stem = path.name[: -len(".npz")]
-    if not stem.startswith("alpha="):
-        return None
-    label = stem[len("alpha=") :]
-    try:
-        float(label)
-    except ValueError:
-        return None
-    return label
-
-
 def index_run(run_dir: str | Path) -> RunIndex:
     """Find every (dataset, alpha) with attribution files; pairs need both roles."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} does not exist; pass the directory a `circuitdiff run` wrote")
-    found: dict[tuple[str, str], dict[str, Path]] = {}
-    for role in ROLES:
-        for path in sorted((run_dir / "attribution" / role).glob("*/alpha=*.npz")):
-            alpha = _alpha_of(path)
-            if alpha is not None:
-                found.setdefault((path.parent.name, alpha), {})[role] = path
+    found = layout.find_attributions(run_dir)
     if not found:
         raise UserError(
             f"{run_dir} holds no attribution/{{base,tuned}}/{{dataset}}/alpha={{a}}.npz files; "
@@ -94,38 +62,23 @@ def index_run(run_dir: str | Path) -> RunIndex:
         )
     pairs, skipped = [], []
     for (dataset, alpha), paths in sorted(found.items(), key=lambda kv: (kv[0][0], float(kv[0][1]))):
-        missing = [r for r in ROLES if r not in paths]
+        missing = [r for r in layout.ROLES if r not in paths]
         if missing:
             skipped.append((dataset, alpha, f"no {missing[0]} attribution file"))
             continue
-        sel = run_dir / "selection" / dataset / f"alpha={alpha}.json"
+        sel = layout.selection(run_dir, dataset, float(alpha))
         pairs.append(PairRef(dataset, alpha, paths["base"], paths["tuned"], sel if sel.exists() else None))
-    manifest_path = run_dir / "manifest.json"
-    manifest = io.read_json(manifest_path) if manifest_path.exists() else {}
-    return RunIndex(run_dir, manifest if isinstance(manifest, dict) else {"manifest": manifest}, pairs, skipped)
+    return RunIndex(run_dir, artifacts.read_manifest(run_dir), pairs, skipped)
 
 
-def read_attr(path: Path) -> Attr:
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            scores = np.asarray(data["scores"])
-            n_dst, n_src = scores.shape[1:]
-            mask = data["edge_mask"].astype(bool) if "edge_mask" in data else np.ones((n_dst, n_src), bool)
-            meta = json.loads(str(data["meta"])) if "meta" in data else {}
-            return Attr(
-                scores=scores,
-                src_names=[str(s) for s in data["src_names"]],
-                dst_names=[str(s) for s in data["dst_names"]],
-                edge_mask=mask,
-                granularity=str(data["granularity"]) if "granularity" in data else str(meta.get("granularity", "block")),
-                loss=np.asarray(data["loss"], dtype=np.float64) if "loss" in data else np.full(len(scores), np.nan),
-                meta=meta,
-            )
-    except (OSError, KeyError, ValueError) as err:
-        raise UserError(f"{path}: not a readable W.npz ({err}); re-run the attribution stage for it") from None
+def read_attr(path: Path) -> Attribution:
+    """A W file for the report: the loss in float64."""
+    attr = Attribution.load(path)
+    attr.loss = np.asarray(attr.loss, dtype=np.float64)
+    return attr
 
 
-def pair_problem(base: Attr, tuned: Attr) -> str | None:
+def pair_problem(base: Attribution, tuned: Attribution) -> str | None:
     """Why two W files cannot be compared sample by sample, or None."""
     if base.scores.ndim != 3 or tuned.scores.ndim != 3:
         return "scores are not [n_samples, n_dst, n_src]"
@@ -144,19 +97,12 @@ def pair_problem(base: Attr, tuned: Attr) -> str | None:
     return None
 
 
-def sample_idx(attr: Attr, npz_path: Path) -> list | None:
-    """The question idx of each sample: from the W file's meta, else its sidecar alpha={a}.json."""
-    if isinstance(attr.meta.get("idx"), list):
-        return attr.meta["idx"]
-    sidecar = npz_path.with_suffix(".json")
-    if sidecar.exists():
-        side = io.read_json(sidecar)
-        if isinstance(side, dict) and isinstance(side.get("idx"), list):
-            return side["idx"]
-    return None
+def sample_idx(attr: Attribution) -> list | None:
+    """The question idx of each sample, as recorded in the W file's meta."""
+    return attr.meta["idx"] if isinstance(attr.meta.get("idx"), list) else None
 
 
-def align(base: Attr, tuned: Attr, idx_base: list | None, idx_tuned: list | None) -> tuple[str | None, str]:
+def align(base: Attribution, tuned: Attribution, idx_base: list | None, idx_tuned: list | None) -> tuple[str | None, str]:
     """Put tuned's samples in base's question order (in place). Returns (problem, paired_by)."""
     if idx_base is None or idx_tuned is None:
         return None, "position"
@@ -179,8 +125,8 @@ def load_pair(ref: PairRef) -> tuple[PairData | None, str | None]:
     problem = pair_problem(base, tuned)
     if problem:
         return None, problem
-    problem, paired_by = align(base, tuned, sample_idx(base, ref.base_path), sample_idx(tuned, ref.tuned_path))
+    problem, paired_by = align(base, tuned, sample_idx(base), sample_idx(tuned))
     if problem:
         return None, problem
-    selection = io.read_json(ref.selection_path) if ref.selection_path else {}
-    return PairData(ref, base, tuned, selection if isinstance(selection, dict) else {}, paired_by), None
+    selection = artifacts.read_result(ref.selection_path) if ref.selection_path else {}
+    return PairData(ref, base, tuned, selection or {}, paired_by), None

@@ -1,7 +1,8 @@
-"""`circuitdiff` command line: one subcommand per pipeline stage.
+"""`circuitdiff` command line: one module per command in this package.
 
-Each stage module defines ``register_cli(subparsers)``, which adds its subcommand
-and sets ``func``; this file only lists them.
+Each module defines ``register(subparsers)``, which adds its subcommand and sets ``func``.
+Command modules import only argparse-level code at the top; the library (and torch) is
+imported when a command runs, so ``--help`` and argument errors return at once.
 """
 
 from __future__ import annotations
@@ -12,16 +13,7 @@ import sys
 
 from circuitdiff.errors import UserError
 
-COMMAND_MODULES = [
-    "circuitdiff.attribute",
-    "circuitdiff.run",
-    "circuitdiff.report",
-    "circuitdiff.lab.train",
-    "circuitdiff.lab.track",
-    "circuitdiff.validate",
-    "circuitdiff.intervene",
-    "circuitdiff.demo",
-]
+COMMANDS = ("attribute", "run", "report", "validate", "intervene", "train", "track", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,8 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="What did post-training change inside this model? Edge attribution patching on model pairs.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register_cli(sub)
+    for name in COMMANDS:
+        importlib.import_module(f"circuitdiff.cli.{name}").register(sub)
     return parser
 
 

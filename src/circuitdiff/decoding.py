@@ -1,4 +1,4 @@
-"""Greedy answers for every question, batched, appended to a JSONL file batch by batch.
+"""Greedy decoding backends: batched answers for lists of prompt token ids.
 
 Conventions:
 - Greedy decoding (no sampling), at most ``max_new_tokens`` new tokens, stop at the first
@@ -10,25 +10,16 @@ Conventions:
   with the KV cache; questions are sorted by prompt length (longest first) so a batch holds
   similar lengths and an out-of-memory error shows up in the first batch.
 - vLLM backend (``backend="vllm"``): used only when the package is installed.
-
-Resume: `generate_dataset` reads the rows already in the file, skips those idx, and appends
-the rows of each finished batch with `append_jsonl` (flushed and fsynced); a line cut off by
-a kill is dropped and the file rewritten atomically before appending again.
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Protocol, Sequence
 
 import torch
 
-from circuitdiff.data import Problem
 from circuitdiff.errors import UserError
-from circuitdiff.grade import grade
-from circuitdiff.io import append_jsonl, read_jsonl_tolerant, write_jsonl
 
 
 @dataclass(frozen=True)
@@ -134,85 +125,3 @@ class VLLMBackend:
                 tokens.pop()
             results.append(Generation(tokens, "eos" if hit_eos else "length"))
         return results
-
-
-# ---------------------------------------------------------------- the stage
-
-def read_rows(path: str | Path) -> list[dict]:
-    """Rows already generated (a cut-off last line is ignored)."""
-    return read_jsonl_tolerant(path)
-
-
-def _repair(path: Path) -> list[dict]:
-    """Drop a line cut off by a kill (rewriting the file atomically), so appending stays safe."""
-    rows = read_rows(path)
-    if path.exists():
-        with open(path, "rb") as f:
-            data = f.read()
-        if data.count(b"\n") != len(rows) or (data and not data.endswith(b"\n")):
-            write_jsonl(path, rows)
-    return rows
-
-
-def make_row(problem: Problem, prompt_ids: list[int], gen: Generation, decode: Callable[[list[int]], str]) -> dict:
-    text = decode(gen.answer_ids)
-    graded = grade(text, problem.gold, problem.kind)
-    return {
-        "idx": problem.idx,
-        "question": problem.question,
-        "gold": problem.gold,
-        "kind": problem.kind,
-        "prompt_ids": list(prompt_ids),
-        "answer_ids": list(gen.answer_ids),
-        "answer_text": text,
-        "stop": gen.stop,
-        "prediction": graded.prediction,
-        "correct": graded.correct,
-    }
-
-
-def generate_dataset(
-    path: str | Path,
-    problems: Sequence[Problem],
-    prompts: Sequence[list[int]],
-    backend: Backend,
-    decode: Callable[[list[int]], str],
-    batch_size: int = 16,
-    progress: bool = True,
-    desc: str = "generate",
-) -> list[dict]:
-    """Generate the answers missing from `path` (one row per question, see `make_row`) and return all rows.
-
-    Rows of finished batches are appended as soon as the batch ends; questions whose idx is
-    already in the file are skipped.
-    """
-    from tqdm.auto import tqdm
-
-    if len(problems) != len(prompts):
-        raise ValueError("problems and prompts differ in length")
-    if batch_size < 1:
-        raise UserError(f"batch size {batch_size} must be at least 1")
-    path = Path(path)
-    done = {row["idx"] for row in _repair(path)}
-    pending = [(p, ids) for p, ids in zip(problems, prompts) if p.idx not in done]
-    pending.sort(key=lambda item: (-len(item[1]), item[0].idx))
-    bar = tqdm(total=len(problems), initial=len(problems) - len(pending), desc=desc, unit="q",
-               disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    try:
-        for start in range(0, len(pending), batch_size):
-            batch = pending[start : start + batch_size]
-            gens = backend.generate([ids for _, ids in batch])
-            append_jsonl(path, [make_row(p, ids, g, decode) for (p, ids), g in zip(batch, gens)])
-            bar.update(len(batch))
-    finally:
-        bar.close()
-    return read_rows(path)
-
-
-def regrade(rows: list[dict]) -> list[dict]:
-    """Rows with `prediction` and `correct` recomputed from `answer_text` (after a grader change)."""
-    out = []
-    for row in rows:
-        graded = grade(row["answer_text"], row["gold"], row.get("kind", "numeric"))
-        out.append({**row, "prediction": graded.prediction, "correct": graded.correct})
-    return out

@@ -1,0 +1,55 @@
+"""Option groups shared by several commands, so that a flag means the same everywhere."""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+
+from circuitdiff.dtypes import DTYPE_NAMES
+from circuitdiff.errors import UserError
+from circuitdiff.graph import GRANULARITIES
+from circuitdiff.store.layout import ROLES
+
+MODEL_HELP = "hub id, local dir, .gguf file, LoRA adapter dir, or smollm2-135m-instruct"
+SAMPLES_HELP = 'JSONL, one {"prompt_ids": [...], "answer_ids": [...], "cut_len": K} per line'
+
+
+def add_model(p, required: bool = True, dtype_default: str | None = "float32") -> None:
+    """--model, --dtype, --device."""
+    p.add_argument("--model", required=required, help=MODEL_HELP)
+    add_dtype_device(p, dtype_default)
+
+
+def add_dtype_device(p, dtype_default: str | None = "float32", device_default: str = "cpu") -> None:
+    default = f"default {dtype_default}" if dtype_default else "default: the run's dtype"
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=dtype_default, help=f"model dtype ({default})")
+    p.add_argument("--device", default=device_default, help="cpu, cuda, cuda:N, or auto (accelerate device_map)")
+
+
+def add_granularity(p) -> None:
+    p.add_argument("--granularity", choices=GRANULARITIES, default="block")
+
+
+def add_run_target(p, run_required: bool = False, role_default: str = "tuned") -> None:
+    """--run, --role, --dataset, --alpha: one (role, dataset, alpha) of a run directory."""
+    p.add_argument("--run", required=run_required, help="run directory written by `circuitdiff run`")
+    p.add_argument("--role", choices=ROLES, default=role_default, help=f"which model of the run (default {role_default})")
+    p.add_argument("--dataset", required=run_required, help="dataset key (e.g. gsm8k)")
+    p.add_argument("--alpha", type=float, required=run_required, help="the alpha of the selection (and its T_cut)")
+
+
+def settings_from(cls, origin: str, **values):
+    """A pydantic settings object from command-line values; a bad value is one line naming the flag."""
+    try:
+        return cls(**values)
+    except ValidationError as err:
+        first = err.errors()[0]
+        flag = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else origin
+        raise UserError(f"{origin}: {flag}: {first['msg']}") from None
+
+
+def defaults(cls):
+    """A dataclass's field defaults as attributes, without running its checks (they may import heavy modules)."""
+    from dataclasses import MISSING, fields
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**{f.name: f.default for f in fields(cls) if f.default is not MISSING})

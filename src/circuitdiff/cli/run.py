@@ -1,0 +1,29 @@
+"""`circuitdiff run`: the pipeline for a model pair into a run directory."""
+
+from __future__ import annotations
+
+from circuitdiff.pipeline import STAGES
+
+
+def register(subparsers) -> None:
+    from circuitdiff.config import preset_names
+
+    p = subparsers.add_parser(
+        "run",
+        help="generate -> grade -> select -> attribute [-> validation -> intervention] for a model pair",
+        description="Run the whole pipeline for the model pair of CONFIG (a YAML file or a preset name). "
+                    "A rerun resumes: finished work is skipped, and work whose settings changed is redone.",
+    )
+    p.add_argument("config", help=f"YAML config, or a preset: {', '.join(preset_names())}")
+    p.add_argument("--out", help="run directory (default: the config's `out`, else runs/<name>)")
+    p.add_argument("--until", choices=STAGES, default=STAGES[-1], help="stop after this stage")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from circuitdiff.pipeline import run as run_pipeline
+
+    out = run_pipeline(args.config, args.out, until=args.until, progress=not args.no_progress)
+    print(f"run directory: {out}")
+    return 0

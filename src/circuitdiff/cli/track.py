@@ -1,0 +1,46 @@
+"""`circuitdiff track`: test accuracy and circuit-metric changes of every training checkpoint."""
+
+from __future__ import annotations
+
+from circuitdiff.cli import options
+from circuitdiff.lab.settings import TrackSettings
+
+
+def register(subparsers) -> None:
+    d = options.defaults(TrackSettings)
+    p = subparsers.add_parser(
+        "track",
+        help="test accuracy and circuit-metric changes (checkpoint - start) of every training checkpoint",
+        description="For every checkpoint of each TRAIN_DIR (`circuitdiff train` output): greedy test accuracy "
+                    "with a 95% CI, and Activation Intensity, Information Complexity and Distribution Kurtosis "
+                    "of the checkpoint minus the starting model with paired bootstrap CIs. Writes OUT/track.csv "
+                    "and OUT/track.png; a rerun resumes.",
+    )
+    p.add_argument("train_dirs", nargs="+", metavar="TRAIN_DIR")
+    p.add_argument("--dataset", required=True, help="evaluation problems (arith, gsm8k, ...)")
+    p.add_argument("--split", default=d.split, help="held-out split (default test)")
+    p.add_argument("--source", help="dataset file (or 'hub') instead of the default source")
+    p.add_argument("--limit", type=int, help="the first n problems")
+    p.add_argument("--alpha", type=float, default=d.alpha, help=f"T_cut = alpha * T_bar (default {d.alpha})")
+    p.add_argument("--n-samples", type=int, default=d.n_samples, help=f"N questions drawn per checkpoint (default {d.n_samples})")
+    p.add_argument("--max-new-tokens", type=int, help="default: the training run's max_completion_length")
+    p.add_argument("--entries", choices=["all", "edges"], default=d.entries)
+    p.add_argument("--bins", type=int, default=d.bins)
+    p.add_argument("--n-boot", type=int, default=d.n_boot)
+    p.add_argument("--seed", type=int, default=d.seed)
+    options.add_dtype_device(p, dtype_default=d.dtype, device_default=d.device)
+    p.add_argument("--gen-batch-size", type=int, default=d.gen_batch_size)
+    p.add_argument("--out", help="output dir (default TRAIN_DIR/track for one run; required for several)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from circuitdiff.lab.track import track
+
+    settings = TrackSettings(dataset=args.dataset, split=args.split, source=args.source, limit=args.limit,
+                             alpha=args.alpha, n_samples=args.n_samples, max_new_tokens=args.max_new_tokens,
+                             entries=args.entries, bins=args.bins, n_boot=args.n_boot, seed=args.seed,
+                             dtype=args.dtype, device=args.device, gen_batch_size=args.gen_batch_size,
+                             progress=True)
+    track(args.train_dirs, settings, args.out)
+    return 0

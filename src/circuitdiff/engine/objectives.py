@@ -1,0 +1,46 @@
+"""The objective L whose gradient EAP reads, per batch row, in float32 (float64 for float64 models).
+
+- ``nll`` (the paper's): the mean over the first cut_len answer tokens of -log p(answer token | prefix).
+
+Only the answer positions go through the LM head (plus the config's final logit soft-capping,
+as the model itself does), so the head's cost does not grow with the prompt.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from circuitdiff.engine.batch import Batch
+from circuitdiff.models.adapters import Adapter, get_module
+
+OBJECTIVES = {
+    "nll": "mean NLL of the answer tokens answer_ids[:cut_len] given the prompt",
+}
+
+
+def score_dtype_for(model_dtype: torch.dtype) -> torch.dtype:
+    """float32 accumulation for every model dtype except float64, which keeps float64."""
+    return torch.float64 if model_dtype == torch.float64 else torch.float32
+
+
+def answer_logits(model: torch.nn.Module, adapter: Adapter, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Logits at the answer positions [n_loss_tokens, vocab] in the score dtype; hidden: the final norm's output."""
+    picked = hidden[batch.loss_rows, batch.loss_cols]  # [n_loss_tokens, d_model]
+    logits = get_module(model, adapter.lm_head)(picked)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits.to(score_dtype_for(logits.dtype))
+
+
+def per_row(values: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """[n_loss_tokens] -> [batch]: each row's weighted mean over its answer tokens."""
+    out = torch.zeros(batch.n_rows, dtype=values.dtype, device=values.device)
+    return out.index_add(0, batch.loss_rows, values * batch.loss_weight.to(values.dtype))
+
+
+def answer_loss(model: torch.nn.Module, adapter: Adapter, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Per-row mean NLL of the answer tokens, [batch]."""
+    logits = answer_logits(model, adapter, hidden, batch)
+    nll = -torch.log_softmax(logits, dim=-1).gather(-1, batch.targets[:, None])[:, 0]
+    return per_row(nll, batch)

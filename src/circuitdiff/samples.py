@@ -1,0 +1,54 @@
+"""Attribution samples: ``{"prompt_ids": [...], "answer_ids": [...], "cut_len": K}``, checked.
+
+The objective reads answer_ids[:K] given the prompt. A samples file holds one JSON object per line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from circuitdiff.errors import UserError
+
+
+def check_sample(sample: dict, where: str) -> dict:
+    """One sample, validated; `where` names it in the error (e.g. 'samples.jsonl line 3')."""
+    for key in ("prompt_ids", "answer_ids", "cut_len"):
+        if key not in sample:
+            raise UserError(f"{where}: missing {key!r}; each sample needs prompt_ids, answer_ids and cut_len")
+    prompt, answer, cut = sample["prompt_ids"], sample["answer_ids"], sample["cut_len"]
+    if not isinstance(prompt, list) or not prompt or not all(isinstance(t, int) for t in prompt):
+        raise UserError(f"{where}: prompt_ids must be a non-empty list of token ids")
+    if not isinstance(answer, list) or not all(isinstance(t, int) for t in answer):
+        raise UserError(f"{where}: answer_ids must be a list of token ids")
+    if not isinstance(cut, int) or not 1 <= cut <= len(answer):
+        raise UserError(f"{where}: cut_len={cut!r} must be an integer in [1, len(answer_ids)={len(answer)}]")
+    return {"prompt_ids": prompt, "answer_ids": answer, "cut_len": cut}
+
+
+def read_samples(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"samples file {path} does not exist; check the path")
+    samples = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise UserError(f"{path} line {number}: not valid JSON ({err.msg})") from None
+                samples.append(check_sample(row, f"{path} line {number}"))
+    if not samples:
+        raise UserError(f"{path} holds no samples; write one JSON object per line")
+    return samples
+
+
+def as_samples(samples: str | Path | list[dict]) -> list[dict]:
+    """A samples file (JSONL) or a list of sample dicts, validated; at least one."""
+    if isinstance(samples, (str, Path)):
+        return read_samples(samples)
+    checked = [check_sample(s, f"sample {i}") for i, s in enumerate(samples)]
+    if not checked:
+        raise UserError("no samples given; pass at least one {prompt_ids, answer_ids, cut_len}")
+    return checked

@@ -1,0 +1,202 @@
+"""Stage `generate`: greedy answers of both models to every question, appended to a JSONL per batch.
+
+Resume: rows are appended per finished batch (flushed, fsynced); a rerun skips every idx already
+in the file, and a line cut off by a kill is dropped (the file rewritten atomically) before
+appending again. The settings that shape an answer (`settings`) are hashed into a key kept in
+``{dataset}.meta.json``; a rerun with another key refuses to mix answers. When both roles have
+the same key (a model paired with itself), the tuned rows are copied from the base rows (greedy
+decoding is deterministic). Rows are graded as they are written (circuitdiff.grade).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from circuitdiff.data import Problem
+from circuitdiff.decoding import Backend, Generation
+from circuitdiff.errors import UserError
+from circuitdiff.grade import GRADER_VERSION, grade
+from circuitdiff.io import append_jsonl, read_json, read_jsonl_tolerant, write_json, write_jsonl
+from circuitdiff.prompts import encode, render
+from circuitdiff.store import layout
+from circuitdiff.store.keys import settings_key
+
+CONVENTIONS = {
+    "decoding": "greedy (no sampling), zero-shot, at most max_new_tokens new tokens, stop at EOS",
+    "eos": "the tokenizer's EOS and every id in generation_config.eos_token_id",
+    "answer_ids": "generated tokens before EOS (EOS not stored)",
+    "batching": "left padding, KV cache, prompts sorted by length (longest first)",
+    "self_pair": "when base and tuned share every generation setting, tuned rows are copied from base",
+}
+
+
+def settings(config, role: str, ds) -> dict:
+    """What shapes an answer: the key of a role's generations file."""
+    return {
+        "model": getattr(config, role).spec,
+        "prompt": config.prompt_for(role),
+        "instruction": config.instruction,
+        "max_new_tokens": config.max_new_tokens,
+        "dtype": config.dtype,
+        "backend": config.backend,
+        "attn_implementation": config.attn_implementation,
+        "dataset": ds.name,
+        "split": ds.split,
+        "source": ds.source,
+    }
+
+
+def stage(ctx) -> None:
+    for role in layout.ROLES:
+        for ds in ctx.config.datasets:
+            generate_one(ctx, role, ds)
+
+
+def generate_one(ctx, role: str, ds) -> None:
+    path = layout.generations(ctx.run, role, ds.key)
+    meta_path = layout.generations_meta(ctx.run, role, ds.key)
+    wanted = settings(ctx.config, role, ds)
+    key = settings_key(wanted)
+    existing = read_jsonl_tolerant(path)
+    meta = read_json(meta_path) if meta_path.exists() else None
+    if meta is not None and meta.get("key") != key:
+        if existing:
+            changed = sorted(k for k in wanted if meta.get("settings", {}).get(k) != wanted[k])
+            raise UserError(f"{path} holds answers made with other settings (changed: {', '.join(changed)}); "
+                            "use another run directory (--out) or delete that file")
+        meta = None
+    if meta is None:
+        write_json(meta_path, {"settings": wanted, "key": key, "grader": GRADER_VERSION})
+    problems = ctx.problems(ds)
+    _check_rows_match(path, existing, problems)
+    done = {r["idx"] for r in existing}
+    pending = [p for p in problems if p.idx not in done]
+    if not pending:
+        ctx.log(f"generate {role} {ds.key}: {len(problems)} answers already in {path}")
+        return
+    if role == "tuned" and key == settings_key(settings(ctx.config, "base", ds)):
+        base_rows = {r["idx"]: r for r in read_jsonl_tolerant(layout.generations(ctx.run, "base", ds.key))}
+        if all(p.idx in base_rows for p in pending):
+            write_jsonl(path, existing + [base_rows[p.idx] for p in pending])
+            ctx.log(f"generate tuned {ds.key}: same model and settings as base; copied {len(pending)} answers")
+            return
+    cfg = ctx.config
+    loaded = ctx.models.get(role) if cfg.backend == "hf" else _tokenizer_only(getattr(cfg, role))
+    preset = cfg.prompt_for(role)
+    prompts = [encode(p.question, loaded.tokenizer, preset, cfg.instruction) for p in problems]
+    ctx.update_manifest("prompt_example", role, value=render(problems[0].question, preset, loaded.tokenizer,
+                                                             cfg.instruction))
+    backend = _backend(cfg, role, loaded)
+    decode = lambda ids: loaded.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    ctx.log(f"generate {role} {ds.key}: {len(pending)} of {len(problems)} questions to answer "
+            f"(greedy, max_new_tokens={cfg.max_new_tokens}, prompt={preset}, backend={backend.name})")
+    generate_dataset(path, problems, prompts, backend, decode, cfg.gen_batch_size,
+                     progress=ctx.progress, desc=f"generate {role} {ds.key}")
+
+
+def _check_rows_match(path: Path, rows: list[dict], problems: list[Problem]) -> None:
+    by_idx = {p.idx: p for p in problems}
+    for row in rows:
+        p = by_idx.get(row["idx"])
+        if p is not None and (p.question != row["question"] or p.gold != row["gold"]):
+            raise UserError(f"{path}: question {row['idx']} differs from the dataset's (the source changed?); "
+                            "use another run directory (--out) or delete that file")
+
+
+def _backend(config, role: str, loaded) -> Backend:
+    from circuitdiff.decoding import HFBackend, VLLMBackend, eos_token_ids
+
+    if config.backend == "vllm":
+        eos = eos_token_ids(loaded.model, loaded.tokenizer)  # loaded.model: a stand-in holding generation_config
+        return VLLMBackend(getattr(config, role).spec, config.dtype, config.max_new_tokens, eos)
+    return HFBackend(loaded.model, loaded.tokenizer, config.max_new_tokens)
+
+
+def _tokenizer_only(model_cfg):
+    """The tokenizer (and generation config) of a model, without its weights: for the vLLM backend."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from circuitdiff.models import LoadedModel
+    from circuitdiff.models.loading import _materialise
+
+    local, info = _materialise(model_cfg.spec)
+    path, _, revision = (str(local), "", "") if local is not None else model_cfg.spec.partition("@")
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision or None,
+                                              trust_remote_code=model_cfg.trust_remote_code)
+    try:
+        generation_config = GenerationConfig.from_pretrained(path, revision=revision or None)
+    except OSError:
+        generation_config = None
+    return LoadedModel(model=SimpleNamespace(generation_config=generation_config), tokenizer=tokenizer,
+                       spec=model_cfg.spec, info={**info, "backend": "vllm"})
+
+
+# ---------------------------------------------------------------- rows
+def _repair(path: Path) -> list[dict]:
+    """Drop a line cut off by a kill (rewriting the file atomically), so appending stays safe."""
+    rows = read_jsonl_tolerant(path)
+    if path.exists():
+        with open(path, "rb") as f:
+            data = f.read()
+        if data.count(b"\n") != len(rows) or (data and not data.endswith(b"\n")):
+            write_jsonl(path, rows)
+    return rows
+
+
+def make_row(problem: Problem, prompt_ids: list[int], gen: Generation, decode: Callable[[list[int]], str]) -> dict:
+    text = decode(gen.answer_ids)
+    graded = grade(text, problem.gold, problem.kind)
+    return {
+        "idx": problem.idx,
+        "question": problem.question,
+        "gold": problem.gold,
+        "kind": problem.kind,
+        "prompt_ids": list(prompt_ids),
+        "answer_ids": list(gen.answer_ids),
+        "answer_text": text,
+        "stop": gen.stop,
+        "prediction": graded.prediction,
+        "correct": graded.correct,
+    }
+
+
+def generate_dataset(
+    path: str | Path,
+    problems: Sequence[Problem],
+    prompts: Sequence[list[int]],
+    backend: Backend,
+    decode: Callable[[list[int]], str],
+    batch_size: int = 16,
+    progress: bool = True,
+    desc: str = "generate",
+) -> list[dict]:
+    """Generate the answers missing from `path` (one row per question, see `make_row`) and return all rows.
+
+    Rows of finished batches are appended as soon as the batch ends; questions whose idx is
+    already in the file are skipped.
+    """
+    from tqdm.auto import tqdm
+
+    if len(problems) != len(prompts):
+        raise ValueError("problems and prompts differ in length")
+    if batch_size < 1:
+        raise UserError(f"batch size {batch_size} must be at least 1")
+    path = Path(path)
+    done = {row["idx"] for row in _repair(path)}
+    pending = [(p, ids) for p, ids in zip(problems, prompts) if p.idx not in done]
+    pending.sort(key=lambda item: (-len(item[1]), item[0].idx))
+    bar = tqdm(total=len(problems), initial=len(problems) - len(pending), desc=desc, unit="q",
+               disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    try:
+        for start in range(0, len(pending), batch_size):
+            batch = pending[start : start + batch_size]
+            gens = backend.generate([ids for _, ids in batch])
+            append_jsonl(path, [make_row(p, ids, g, decode) for (p, ids), g in zip(batch, gens)])
+            bar.update(len(batch))
+    finally:
+        bar.close()
+    return read_jsonl_tolerant(path)

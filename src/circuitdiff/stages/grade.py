@@ -1,0 +1,56 @@
+"""Stage `grade`: every answer graded (circuitdiff.grade), and each model's accuracy recorded.
+
+Rows are graded as they are generated; when the grader version recorded in the generations'
+meta file differs from `GRADER_VERSION`, the rows are re-graded from their text and the file
+rewritten atomically. The accuracy (Wilson 95% interval) goes into the meta file and the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+from circuitdiff.errors import UserError
+from circuitdiff.grade import GRADER_VERSION, accuracy, grade
+from circuitdiff.io import read_json, read_jsonl_tolerant, write_json, write_jsonl
+from circuitdiff.store import layout
+
+
+def regrade(rows: list[dict]) -> list[dict]:
+    """Rows with `prediction` and `correct` recomputed from `answer_text` (after a grader change)."""
+    out = []
+    for row in rows:
+        graded = grade(row["answer_text"], row["gold"], row.get("kind", "numeric"))
+        out.append({**row, "prediction": graded.prediction, "correct": graded.correct})
+    return out
+
+
+def stage(ctx) -> None:
+    for role in layout.ROLES:
+        for ds in ctx.config.datasets:
+            grade_one(ctx, role, ds)
+
+
+def grade_one(ctx, role: str, ds) -> None:
+    path = layout.generations(ctx.run, role, ds.key)
+    meta_path = layout.generations_meta(ctx.run, role, ds.key)
+    if not meta_path.exists():
+        raise UserError(f"{meta_path} does not exist; run the generate stage first")
+    meta = read_json(meta_path)
+    before = json.dumps(meta, sort_keys=True)
+    if meta.get("grader") != GRADER_VERSION:
+        write_jsonl(path, regrade(read_jsonl_tolerant(path)))
+        meta["grader"] = GRADER_VERSION
+        ctx.log(f"grade {role} {ds.key}: re-graded with grader version {GRADER_VERSION}")
+    rows = ctx.rows(role, ds)
+    missing = len(ctx.problems(ds)) - len(rows)
+    if missing:
+        raise UserError(f"{path} lacks {missing} answers; run the generate stage first")
+    acc = accuracy([r["correct"] for r in rows])
+    meta["accuracy"] = {**asdict(acc), "dataset": ds.key, "n_questions": len(rows)}
+    if json.dumps(meta, sort_keys=True) != before:
+        write_json(meta_path, meta)
+    ctx.update_manifest("accuracy", role, ds.key, value=meta["accuracy"])
+    stops = sum(r.get("stop") == "length" for r in rows)
+    ctx.log(f"grade {role} {ds.key}: accuracy {acc} [{stops} answers hit max_new_tokens; grading: last "
+            f"\\boxed{{}}, else 'the answer is', else last number; numbers rel. tol. 1e-4, math-verify]")

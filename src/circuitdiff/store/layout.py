@@ -1,0 +1,226 @@
+"""Every path inside a run directory, and the track directory of the lab. Nothing else spells one.
+
+    RUN/
+      manifest.json                                    versions, models, conventions, config
+      generations/{role}/{dataset}.jsonl               one row per question (appended per batch)
+      generations/{role}/{dataset}.meta.json           generation settings + key, grader version, accuracy
+      selection/{dataset}/alpha={a}.json               chosen idx, T_bar, T_cut, filter counts
+      attribution/{role}/{dataset}/alpha={a}.npz       W (same keys as `circuitdiff attribute`)
+      attribution/{role}/{dataset}/alpha={a}.parts/    finished batches of an unfinished attribution
+      validation/{role}/{dataset}/alpha={a}.json|.png  EAP vs exact ablation
+      intervention/{role}/{dataset}/alpha={a}/{label}.json   edge interventions
+      report/                                          metrics.csv, table.md, figures, report.html
+      features/                                        (reserved: feature-level diffing)
+      shards/{stage}/                                  (reserved: work split over workers)
+
+    Every single-shot artifact X (selection, attribution, validation, intervention) has a key
+    file X.key beside it (store/keys.py): the key of the inputs and settings that made X and a
+    checksum of X.
+
+    TRACK/ (`circuitdiff track`)
+      track.json, track.csv, track.png
+      start-{key}/                                     a run dir: the starting model paired with itself
+      runs/{run}/checkpoint-{step}/                    a run dir: start vs that checkpoint
+      runs/{run}/checkpoint-{step}/track_result.json   the checkpoint's numbers, keyed by its inputs
+
+    TRAIN/ (`circuitdiff train`)
+      train.json                                       every setting and convention, the log history
+      checkpoint-{step}/                               a LoRA adapter dir (+ optimizer state)
+      final/                                           the last adapter
+      dpo_pairs.jsonl                                  dpo: the pairs built from the base's samples
+
+role is "base" or "tuned"; dataset is the dataset name, with "_{split}" when the split is not "test".
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ROLES = ("base", "tuned")
+KEY_SUFFIX = ".key"
+
+
+def alpha_tag(alpha: float) -> str:
+    """0.1 -> "alpha=0.1", 0.03 -> "alpha=0.03" (shortest exact decimal)."""
+    return f"alpha={float(alpha)!r}"
+
+
+def alpha_label(name: str) -> str | None:
+    """"alpha=0.1.npz" / "alpha=0.1.json" / "alpha=0.1" -> "0.1"; None when the name holds no alpha."""
+    stem = name
+    for suffix in (".npz", ".json"):
+        if stem.endswith(suffix):
+            stem = stem[: -len(suffix)]
+    if not stem.startswith("alpha="):
+        return None
+    label = stem[len("alpha=") :]
+    try:
+        float(label)
+    except ValueError:
+        return None
+    return label
+
+
+def dataset_key(name: str, split: str = "test") -> str:
+    return name if split == "test" else f"{name}_{split}"
+
+
+def key_file(artifact: Path) -> Path:
+    """The key file beside an artifact: alpha=0.1.npz -> alpha=0.1.npz.key."""
+    artifact = Path(artifact)
+    return artifact.with_name(artifact.name + KEY_SUFFIX)
+
+
+# ---------------------------------------------------------------- a run directory
+def manifest(run: Path) -> Path:
+    return Path(run) / "manifest.json"
+
+
+def generations(run: Path, role: str, dataset: str) -> Path:
+    return Path(run) / "generations" / role / f"{dataset}.jsonl"
+
+
+def generations_meta(run: Path, role: str, dataset: str) -> Path:
+    return Path(run) / "generations" / role / f"{dataset}.meta.json"
+
+
+def selection(run: Path, dataset: str, alpha: float) -> Path:
+    return Path(run) / "selection" / dataset / f"{alpha_tag(alpha)}.json"
+
+
+def attribution(run: Path, role: str, dataset: str, alpha: float) -> Path:
+    return Path(run) / "attribution" / role / dataset / f"{alpha_tag(alpha)}.npz"
+
+
+def attribution_parts(run: Path, role: str, dataset: str, alpha: float) -> Path:
+    return Path(run) / "attribution" / role / dataset / f"{alpha_tag(alpha)}.parts"
+
+
+def validation(run: Path, role: str, dataset: str, alpha: float) -> Path:
+    return Path(run) / "validation" / role / dataset / f"{alpha_tag(alpha)}.json"
+
+
+def validation_figure(json_path: Path) -> Path:
+    """The scatter PNG written beside a validation JSON."""
+    return Path(json_path).with_suffix(".png")
+
+
+def intervention(run: Path, role: str, dataset: str, alpha: float, label: str) -> Path:
+    return Path(run) / "intervention" / role / dataset / alpha_tag(alpha) / f"{label}.json"
+
+
+def report_dir(run: Path) -> Path:
+    return Path(run) / "report"
+
+
+def features_dir(run: Path) -> Path:
+    return Path(run) / "features"
+
+
+def shards_dir(run: Path, stage: str) -> Path:
+    return Path(run) / "shards" / stage
+
+
+# ---------------------------------------------------------------- finding what a run holds
+def find_generations(run: Path, role: str) -> dict[str, Path]:
+    """dataset -> generations file of `role`."""
+    return {p.stem: p for p in sorted((Path(run) / "generations" / role).glob("*.jsonl"))}
+
+
+def find_attributions(run: Path) -> dict[tuple[str, str], dict[str, Path]]:
+    """(dataset, alpha label) -> {role: W file} for every attribution file in the run."""
+    found: dict[tuple[str, str], dict[str, Path]] = {}
+    for role in ROLES:
+        for path in sorted((Path(run) / "attribution" / role).glob("*/alpha=*.npz")):
+            alpha = alpha_label(path.name)
+            if alpha is not None:
+                found.setdefault((path.parent.name, alpha), {})[role] = path
+    return found
+
+
+def find_validations(run: Path) -> list[tuple[str, str, str, Path]]:
+    """(role, dataset, alpha label, JSON path) of every validation result."""
+    out = []
+    for path in sorted((Path(run) / "validation").glob("*/*/alpha=*.json")):
+        alpha = alpha_label(path.name)
+        if alpha is not None:
+            out.append((path.parent.parent.name, path.parent.name, alpha, path))
+    return out
+
+
+def find_interventions(run: Path) -> list[tuple[str, str, str, Path]]:
+    """(role, dataset, alpha label, JSON path) of every intervention result."""
+    out = []
+    for path in sorted((Path(run) / "intervention").glob("*/*/alpha=*/*.json")):
+        alpha = alpha_label(path.parent.name)
+        if alpha is not None:
+            out.append((path.parent.parent.parent.name, path.parent.parent.name, alpha, path))
+    return out
+
+
+# ---------------------------------------------------------------- a track directory
+def default_track_dir(train_dir: Path) -> Path:
+    """Where a training run's own track goes when no --out is given: TRAIN/track."""
+    return Path(train_dir) / "track"
+
+
+def track_registry(out: Path) -> Path:
+    return Path(out) / "track.json"
+
+
+def track_lock(out: Path) -> Path:
+    return Path(out) / ".track.lock"
+
+
+def track_csv(out: Path) -> Path:
+    return Path(out) / "track.csv"
+
+
+def track_figure(out: Path) -> Path:
+    return Path(out) / "track.png"
+
+
+def track_start(out: Path, key: str) -> Path:
+    return Path(out) / f"start-{key}"
+
+
+def track_runs(out: Path, label: str) -> Path:
+    return Path(out) / "runs" / label
+
+
+def track_checkpoint(out: Path, label: str, step: int) -> Path:
+    return track_runs(out, label) / f"checkpoint-{step}"
+
+
+def track_result(checkpoint_run: Path) -> Path:
+    return Path(checkpoint_run) / "track_result.json"
+
+
+def find_track_results(out: Path, label: str) -> list[Path]:
+    return sorted(track_runs(out, label).glob("checkpoint-*/track_result.json"))
+
+
+# ---------------------------------------------------------------- a training directory
+def train_record(out: Path) -> Path:
+    return Path(out) / "train.json"
+
+
+def train_final(out: Path) -> Path:
+    return Path(out) / "final"
+
+
+def train_checkpoint(out: Path, step: int) -> Path:
+    return Path(out) / f"checkpoint-{step}"
+
+
+def dpo_pairs(out: Path) -> Path:
+    return Path(out) / "dpo_pairs.jsonl"
+
+
+def find_checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """(step, dir) of every saved adapter checkpoint in a training directory, by step."""
+    found = []
+    for path in Path(out).glob("checkpoint-*"):
+        if path.name.split("-")[-1].isdigit() and (path / "adapter_config.json").exists():
+            found.append((int(path.name.split("-")[-1]), path))
+    return sorted(found)
