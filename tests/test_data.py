@@ -132,6 +132,19 @@ def test_hub_source_uses_hub_split_names(monkeypatch):
     assert len(math) == 7 and math[0].question == "algebra?" and math[0].gold == "1"
 
 
+def test_college_math_is_shipped_with_each_rows_licence(monkeypatch):
+    """The packaged file is read without any path outside the package, and every row keeps its licence."""
+    import gzip
+
+    monkeypatch.delenv("CIRCUITDIFF_COLLEGE_MATH", raising=False)
+    path = data.college_math_file()
+    assert path.name == "test.jsonl.gz" and "circuitdiff" in path.parts
+    rows = [json.loads(line) for line in gzip.open(path, "rt", encoding="utf-8")]
+    assert len(rows) == len(load_problems("college_math")) == 2818
+    assert all(row["license"].strip() for row in rows)
+    assert (path.parent / "README.md").read_text().count("|") > 20  # the licence table
+
+
 def test_college_math_env_override(tmp_path, monkeypatch):
     path = tmp_path / "cm.jsonl"
     path.write_text(json.dumps({"question": "q?", "answer": "$\\frac{1}{2}$"}) + "\n")

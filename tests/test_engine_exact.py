@@ -219,6 +219,17 @@ def test_unsupported_architecture_is_one_clear_line():
 def test_head_granularity_refused_where_heads_do_not_add_up():
     with pytest.raises(UserError, match="mixes the heads"):
         attribute(tiny_model("gemma2"), tiny_samples(0, 1), granularity="head")
+    # an o_proj bias belongs to no head: with it, head rows would not sum to block rows
+    import transformers
+    from tiny import COMMON
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**COMMON, num_attention_heads=4, num_key_value_heads=2, attention_bias=True)
+    model = transformers.AutoModelForCausalLM.from_config(config).double().eval()
+    assert model.model.layers[0].self_attn.o_proj.bias is not None
+    with pytest.raises(UserError, match="o_proj without bias"):
+        attribute(model, tiny_samples(0, 1), granularity="head")
+    attribute(model, tiny_samples(0, 1), granularity="qkv")  # the other granularities are fine
 
 
 @pytest.mark.parametrize("bad,message", [

@@ -154,6 +154,14 @@ def test_full_pipeline_then_rerun_skips_everything(pair, world, tmp_path):
     assert sum("wrote" in line for line in log4) == 1
     np.testing.assert_array_equal(Attribution.load(path).scores, before)
 
+    # a damaged output (cut off) is detected by its checksum and recomputed, identically
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    log5 = []
+    run_stages(RunContext(make_config(pair, world["data"]), run, progress=False, log=log5.append))
+    assert sum("damaged" in line for line in log5) == 1 and sum("wrote" in line for line in log5) == 1
+    np.testing.assert_array_equal(Attribution.load(path).scores, before)
+
 
 def test_self_pair_copies_the_answers(pair, world, tmp_path):
     run = tmp_path / "run"

@@ -14,7 +14,7 @@ def rows_from(lengths, correct, start=0):
 
 
 def reference(tb, tt, cb, ct, s: SelectionSettings):
-    """The rules of method.md section 5 written directly with numpy masks."""
+    """The rules of docs/method.md section 6 written directly with numpy masks."""
     tb, tt, cb, ct = map(np.asarray, (tb, tt, cb, ct))
     q = cb & ct
     t_bar = ((tb[q] + tt[q]) / 2).mean()

@@ -20,6 +20,7 @@ from circuitdiff.errors import UserError
 from circuitdiff.graph import GRANULARITIES
 from circuitdiff.models import LoadedModel, resolve_model
 from circuitdiff.samples import as_samples
+from circuitdiff.store import layout
 from circuitdiff.store.artifacts import Attribution
 from circuitdiff.store.keys import settings_key
 
@@ -66,7 +67,7 @@ def attribute(
                       dtype=np.float64 if engine.score_dtype == torch.float64 else np.float32)
     losses = np.zeros(len(samples), dtype=scores.dtype)
     for number, rows in enumerate(tqdm(batches, desc=f"attribute ({granularity})", disable=not progress, unit="batch")):
-        part = work / f"batch-{number:05d}-{key}.npz" if work is not None else None
+        part = layout.attribution_batch(work, number, key) if work is not None else None
         if part is not None and part.exists():
             with np.load(part) as done:
                 W, loss = done["scores"], done["loss"]

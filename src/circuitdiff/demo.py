@@ -17,6 +17,7 @@ from pathlib import Path
 
 from circuitdiff.config import RunConfig
 from circuitdiff.errors import UserError
+from circuitdiff.store import layout
 
 DEMO_ADAPTER = "demo-grpo-arith"
 MAX_NEW_TOKENS = 64  # the cap the adapter was trained with (train.json: max_completion_length)
@@ -24,7 +25,7 @@ MAX_NEW_TOKENS = 64  # the cap the adapter was trained with (train.json: max_com
 
 def demo_adapter() -> Path:
     path = Path(str(resources.files("circuitdiff") / "assets" / DEMO_ADAPTER))
-    if not (path / "adapter_config.json").exists():
+    if not layout.adapter_config(path).exists():
         raise UserError(f"the demo adapter is missing at {path}; reinstall circuitdiff (pip install -e .)")
     return path
 
@@ -72,7 +73,7 @@ def demo(out: str | Path = "runs/demo", *, tuned: str | None = None, limit: int 
             f"{MAX_NEW_TOKENS} new tokens): base {row['base']:.1%} -> tuned {row['tuned']:.1%}, "
             f"difference {100 * row['diff']:+.1f} points (95% CI [{100 * row['diff_ci_low']:+.1f}, "
             f"{100 * row['diff_ci_high']:+.1f}], paired bootstrap; McNemar p = {row['p_mcnemar']:.3g})")
-    parts = (report / "table.md").read_text(encoding="utf-8").split("\n\n## ")
+    parts = layout.report_file(report, "table_md").read_text(encoding="utf-8").split("\n\n## ")
     log("\n\n## ".join(parts[:2]))  # the title, its conventions line and the first table
-    log(f"demo finished in {time.time() - started:.0f} s; open {report / 'report.html'}")
+    log(f"demo finished in {time.time() - started:.0f} s; open {layout.report_file(report, 'html')}")
     return report

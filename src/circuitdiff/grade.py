@@ -1,6 +1,6 @@
 """Grade a model's answer against the gold answer.
 
-Conventions (the authors' evaluation, method.md section 7):
+Conventions (the authors' evaluation; docs/method.md, section 9):
 - Answer extraction: the content of the LAST ``\\boxed{...}`` (or ``\\fbox{...}``, nested
   braces handled); else what follows the last "the answer is"; else the last number in
   the text. `extract_answer` returns None when none of the three is found.

@@ -1,4 +1,4 @@
-"""Circuit metrics over per-sample edge matrices W (method.md section 6).
+"""Circuit metrics over per-sample edge matrices W (docs/method.md, section 7).
 
 Pure functions on arrays. ``W`` is ``[n_samples, n_dst, n_src]`` with a boolean
 ``edge_mask [n_dst, n_src]`` (False = impossible edge, stored as 0). Which entries

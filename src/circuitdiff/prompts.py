@@ -1,6 +1,6 @@
 """Prompt formats: the model's own chat template by default, the authors' formats as presets.
 
-Presets (method.md section 7):
+Presets (the authors' formats; docs/pipeline.md):
 - ``chat`` (default): ``tokenizer.apply_chat_template`` on one user turn,
   ``"{question}\\n{instruction}"``, with the generation prompt; the template's own special
   tokens only (no extra BOS).

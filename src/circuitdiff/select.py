@@ -1,4 +1,4 @@
-"""Sample selection for one model pair on one dataset (method.md section 5).
+"""Sample selection for one model pair on one dataset (docs/method.md, section 6).
 
 Given the graded generations of both models, keep the comparable questions:
 

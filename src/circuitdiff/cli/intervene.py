@@ -34,13 +34,14 @@ def run(args) -> int:
 
     from circuitdiff.config import InterventionConfig
     from circuitdiff.stages.intervene import intervene_one, label
+    from circuitdiff.store import layout
     from circuitdiff.store.artifacts import read_manifest
 
     settings = options.settings_from(
         InterventionConfig, "intervene", role=args.role, edges=args.edges, k=args.k, factor=args.factor,
         n_random=args.n_random, n_questions=args.n_questions, max_new_tokens=args.max_new_tokens,
         accuracy=not args.no_accuracy, seed=args.seed, gen_batch_size=args.gen_batch_size)
-    out = Path(args.out) / f"{label(settings)}.json" if args.out else None
+    out = layout.intervention_out(args.out, label(settings)) if args.out else None
     run_max = read_manifest(Path(args.run)).get("config", {}).get("max_new_tokens")
     intervene_one(args.run, args.dataset, args.alpha, settings, dtype=args.dtype, device=args.device,
                   max_new_tokens=run_max, out=out, progress=True)

@@ -33,9 +33,8 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from pathlib import Path
-
     from circuitdiff.errors import UserError
+    from circuitdiff.store import layout
 
     if args.run:
         from circuitdiff.config import ValidationConfig
@@ -48,7 +47,7 @@ def run(args) -> int:
         settings = options.settings_from(
             ValidationConfig, "validate", roles=[args.role], n_samples=args.n_samples, granularity=args.granularity,
             max_edges=args.max_edges, seed=args.seed, sign_threshold=args.sign_threshold, batch_size=args.batch_size)
-        out = Path(args.out) / "validation.json" if args.out else None
+        out = layout.validation_out(args.out)[0] if args.out else None
         validate_one(args.run, args.role, args.dataset, args.alpha, settings, dtype=args.dtype, device=args.device,
                      out=out, progress=True)
         return 0
@@ -60,7 +59,7 @@ def run(args) -> int:
                       batch_size=args.batch_size, dtype=args.dtype or "float32", device=args.device,
                       sign_threshold=args.sign_threshold, progress=True)
     result.meta.update({"samples": args.samples})
-    json_path, png_path = Path(args.out) / "validation.json", Path(args.out) / "validation.png"
+    json_path, png_path = layout.validation_out(args.out)
     result.save(json_path, png_path)
     print(f"wrote {json_path} and {png_path}: {summary_line(result)}")
     return 0

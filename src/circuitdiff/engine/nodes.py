@@ -15,7 +15,8 @@ used by the attribution hooks and by the edge edits alike:
   norm's input too, but reach only one projection (or one slice of a projection's output).
 
 Head granularity needs per-head sources that add up to the block output, which holds only when
-nothing nonlinear follows o_proj (`Adapter.heads_are_additive`); the check is here, once.
+nothing nonlinear follows o_proj (`Adapter.heads_are_additive`) and o_proj has no bias; the checks
+are here, once.
 """
 
 from __future__ import annotations
@@ -83,6 +84,9 @@ class ModelNodes:
         self.layers = get_module(model, self.adapter.layers)
         self.backbone = get_module(model, self.adapter.backbone)
         self.final_norm = get_module(model, self.adapter.final_norm)
+        if granularity == "head" and any(self.projection(l, "o").bias is not None for l in range(self.shape.n_layers)):
+            raise UserError("granularity 'head' needs an o_proj without bias (the bias belongs to no head, so head "
+                            "scores would not add up to the block's); use --granularity block or qkv")
         self.source_groups = self._source_groups()
         self.dest_groups = self._dest_groups()
         self._source_of = {name: g for g in self.source_groups for name in g.names}

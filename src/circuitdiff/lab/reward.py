@@ -1,4 +1,4 @@
-"""The training reward (method.md section 8): +3 correct, -0.5 completely wrong, partial credit between.
+"""The training reward (docs/method.md, section 11): +3 correct, -0.5 completely wrong, partial credit between.
 
     reward = 3                                    the graded answer is correct (circuitdiff.grade)
     reward = -0.5 + 2.0 * max(0, 1 - dev)         a number that is wrong, dev = |pred - gold| / |gold|

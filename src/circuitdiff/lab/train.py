@@ -152,7 +152,7 @@ class _NameBase:
 
 
 def name_base(adapter_dir: Path, base_spec: str) -> None:
-    config_path = Path(adapter_dir) / "adapter_config.json"
+    config_path = layout.adapter_config(adapter_dir)
     if config_path.exists():
         config = io.read_json(config_path)
         config["base_model_name_or_path"] = base_spec

@@ -95,27 +95,27 @@ def build(run_dir, settings: Settings = Settings(), out_dir=None, builders=None)
     for builder in builders if builders is not None else SECTION_BUILDERS:
         sections += builder(ctx)
 
-    io.write_text(out / "metrics.csv", tables.to_csv(tables.csv_rows(results, settings)))
+    io.write_text(layout.report_file(out, "metrics"), tables.to_csv(tables.csv_rows(results, settings)))
     ne = node_entropy_rows(results, settings)
-    io.write_text(out / "node_entropy.csv", tables.to_csv(ne, list(ne[0])))
+    io.write_text(layout.report_file(out, "node_entropy"), tables.to_csv(ne, list(ne[0])))
     ec = edge_change_rows(results)
     if ec:
-        io.write_text(out / "edge_change.csv", tables.to_csv(ec, list(ec[0])))
+        io.write_text(layout.report_file(out, "edge_change"), tables.to_csv(ec, list(ec[0])))
     acc = accuracy_rows(run_dir, seed=settings.seed)
     if acc:
-        io.write_text(out / "accuracy.csv", tables.to_csv(acc, list(acc[0])))
-    io.write_text(out / "table.md", tables.markdown(results, settings))
-    io.write_text(out / "table.tex", tables.latex(results, settings))
+        io.write_text(layout.report_file(out, "accuracy"), tables.to_csv(acc, list(acc[0])))
+    io.write_text(layout.report_file(out, "table_md"), tables.markdown(results, settings))
+    io.write_text(layout.report_file(out, "table_tex"), tables.latex(results, settings))
     for section in sections:
         for block in section.blocks:
             if isinstance(block, Figure):
-                io.write_bytes(out / block.filename, block.png)
+                io.write_bytes(layout.report_figure(out, block.filename), block.png)
     pairs = ", ".join(f"{r.dataset} alpha={r.alpha}" for r in results)
     intro = (
         f"Run directory: {run_dir.resolve()}. Compared pairs: {pairs}. "
         "Every difference is tuned - base on the same questions."
     )
-    io.write_text(out / "report.html", render_page("circuitdiff report: base vs tuned", intro, sections))
+    io.write_text(layout.report_file(out, "html"), render_page("circuitdiff report: base vs tuned", intro, sections))
     return ctx
 
 

@@ -109,8 +109,38 @@ def intervention(run: Path, role: str, dataset: str, alpha: float, label: str) -
     return Path(run) / "intervention" / role / dataset / alpha_tag(alpha) / f"{label}.json"
 
 
+def attribution_batch(parts: Path, number: int, key: str) -> Path:
+    """One finished batch of an unfinished attribution, inside its .parts folder."""
+    return Path(parts) / f"batch-{number:05d}-{key}.npz"
+
+
+def intervention_out(folder: Path, label: str) -> Path:
+    """The JSON of `circuitdiff intervene --out FOLDER`."""
+    return Path(folder) / f"{label}.json"
+
+
 def report_dir(run: Path) -> Path:
     return Path(run) / "report"
+
+
+REPORT_FILES = {
+    "metrics": "metrics.csv", "node_entropy": "node_entropy.csv", "edge_change": "edge_change.csv",
+    "accuracy": "accuracy.csv", "table_md": "table.md", "table_tex": "table.tex", "html": "report.html",
+}  # fmt: skip
+
+
+def report_file(report: Path, kind: str) -> Path:
+    """A file of a report directory (RUN/report, or the --out of `circuitdiff report`): kind in REPORT_FILES."""
+    return Path(report) / REPORT_FILES[kind]
+
+
+def report_figure(report: Path, filename: str) -> Path:
+    return Path(report) / filename
+
+
+def validation_out(folder: Path) -> tuple[Path, Path]:
+    """(JSON, PNG) of `circuitdiff validate --out FOLDER`."""
+    return Path(folder) / "validation.json", Path(folder) / "validation.png"
 
 
 def features_dir(run: Path) -> Path:
@@ -213,6 +243,11 @@ def train_checkpoint(out: Path, step: int) -> Path:
     return Path(out) / f"checkpoint-{step}"
 
 
+def adapter_config(adapter_dir: Path) -> Path:
+    """A LoRA adapter directory's config (it names the base model)."""
+    return Path(adapter_dir) / "adapter_config.json"
+
+
 def dpo_pairs(out: Path) -> Path:
     return Path(out) / "dpo_pairs.jsonl"
 
@@ -221,6 +256,6 @@ def find_checkpoints(out: Path) -> list[tuple[int, Path]]:
     """(step, dir) of every saved adapter checkpoint in a training directory, by step."""
     found = []
     for path in Path(out).glob("checkpoint-*"):
-        if path.name.split("-")[-1].isdigit() and (path / "adapter_config.json").exists():
+        if path.name.split("-")[-1].isdigit() and adapter_config(path).exists():
             found.append((int(path.name.split("-")[-1]), path))
     return sorted(found)

