@@ -48,6 +48,10 @@ def test_extract_boxed(text, expected):
         ("it is -7 degrees", "-7"),
         ("no numbers at all", None),
         ("", None),
+        # an empty box holds no answer: the rest of the text decides
+        ("10 + 0 = 10\n\nThe answer is within \\boxed{}.", "10"),
+        ("To put your final answer within \\boxed{}, add 2.\nSo, the answer is 22.", "22"),
+        ("3 and \\boxed{7}, then \\boxed{ }", "7"),
     ],
 )
 def test_extract_answer(text, expected):
@@ -105,7 +109,11 @@ def test_parse_number(s, value):
         ("1,234", "1234", "numeric", True),
         ("$1,234.00", "1234", "numeric", True),
         ("18 dollars", "18", "numeric", True),
-        ("18.0001", "18", "numeric", True),  # within relative 1e-4
+        ("18.0001", "18", "numeric", False),  # an integer gold is matched exactly
+        ("17999", "18000", "numeric", False),
+        ("18000.0", "18000", "numeric", True),
+        ("0.3333333", "1/3", "numeric", True),  # a non-integer gold: relative 1e-6
+        ("0.3333", "1/3", "numeric", False),
         ("18.01", "18", "numeric", False),
         ("17", "18", "numeric", False),
         ("0.75", "3/4", "numeric", True),
@@ -138,6 +146,21 @@ def test_grade_full_outputs():
     g = grade(r"Thus the value is $\boxed{\dfrac{3}{4}}$. Check: 4 = 4", "0.75", "numeric")
     assert g.prediction == r"\dfrac{3}{4}" and g.correct
     assert not grade("I am not sure.", "18", "numeric").correct
+
+
+@pytest.mark.parametrize(
+    "text, finished, rule, correct, truncated",
+    [
+        ("so 2 + 2 = 4", True, "strict", True, False),  # finished: the last number counts
+        ("so 2 + 2 = 4", False, "strict", False, True),  # cut at the cap, no box: no final answer
+        ("so 2 + 2 = 4", False, "lenient", True, True),  # the authors' rule grades the text anyway
+        ("\\boxed{4} and then more", False, "strict", True, False),  # cut after a box: it has an answer
+        ("\\boxed{} 4", False, "strict", False, True),  # an empty box is no answer
+    ],
+)
+def test_truncated_answers(text, finished, rule, correct, truncated):
+    g = grade(text, "4", "numeric", finished=finished, truncated_rule=rule)
+    assert (g.correct, g.truncated) == (correct, truncated)
 
 
 def test_relative_deviation():

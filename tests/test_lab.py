@@ -21,7 +21,7 @@ from circuitdiff.decoding import HFBackend
 from circuitdiff.io import read_jsonl_tolerant as read_rows
 from circuitdiff.grade import extract_answer, grade, is_correct
 from circuitdiff.io import read_json, write_jsonl
-from circuitdiff.lab.reward import reward, trl_reward
+from circuitdiff.lab.reward import make_trl_reward, reward
 from circuitdiff.lab.callback import TrackCallback
 from circuitdiff.lab.settings import TrackSettings, TrainSettings
 from circuitdiff.lab.train import build_dpo_pairs, gold_solution, train
@@ -58,11 +58,17 @@ def test_reward_hand_cases(text, gold, expected):
 
 
 def test_reward_trl_form_and_bounds():
+    trl_reward = make_trl_reward(eos_ids=[0])
     got = trl_reward(["\\boxed{4}", [{"role": "assistant", "content": "it is \\boxed{5}"}], "no idea"],
                      gold=["4", "4", "4"], kind=["numeric"] * 3)
     assert got == pytest.approx([3.0, -0.5 + 2.0 * 0.75, -0.5])
-    # a near miss never earns what a correct answer earns
+    # a near miss never earns what a correct answer earns, and an integer gold is matched exactly
     assert reward("\\boxed{1000.5}", "1000") < 1.5 < 3.0
+    assert reward("\\boxed{17999}", "18000") < 1.5
+    # the reward shares the grader's truncation rule: ids without EOS were cut at the cap
+    cut = trl_reward(["so 2 + 2 = 4", "so 2 + 2 = 4", "\\boxed{4} and then"], gold=["4"] * 3, kind=["numeric"] * 3,
+                     completion_ids=[[7, 8, 0], [7, 8, 9], [5, 6]])
+    assert cut == pytest.approx([3.0, -0.5, 3.0])  # finished; cut without a box; cut after a box
 
 
 # ---------------------------------------------------------------------- DPO pairs
@@ -147,6 +153,11 @@ def assert_lora_trained(ckpt: Path, base_spec: str, base_weights: dict) -> dict:
     return weights
 
 
+# the tiny random models stop at the token cap on most questions: tracking them grades cut answers by their
+# text and selects without the finished filter (the defaults are tested in test_run.py)
+TINY_GRADING = {"truncated": "lenient", "selection": {"require_finished": False}}
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A tiny base, a test file whose golds are the base's own greedy answers (one wrong), a GRPO run tracked
@@ -160,11 +171,15 @@ def world(tmp_path_factory):
     golds = [p.replace(",", "") if p is not None and i != N_QUESTIONS - 1 else "99999" for i, p in enumerate(preds)]
     assert sum(g != "99999" for g in golds) >= 4
     data = write_gsm8k_file(root / "qa.jsonl", golds, qs)
-    settings = TrackSettings(dataset="gsm8k", source=str(data), max_new_tokens=MAX_NEW, n_boot=200, device="cpu")
+    settings = TrackSettings(dataset="gsm8k", source=str(data), max_new_tokens=MAX_NEW, n_boot=200, device="cpu",
+                             **TINY_GRADING)
     out = root / "grpo"
     log: list[str] = []
+    # a random model never finishes an answer in 6 tokens: the lenient rule credits cut answers by their
+    # last number, which gives GRPO the reward spread it needs (the strict reward is tested above)
     train(TrainSettings("grpo", base=str(base), dataset="arith", limit=4, steps=2, save_every=1, seed=1,
-                        questions_per_step=2, num_generations=3, max_completion_length=6, device="cpu"),
+                        questions_per_step=2, num_generations=3, max_completion_length=6, device="cpu",
+                        truncated="lenient"),
           out, callbacks=[TrackCallback(settings, log=log.append)], log=QUIET)
     return SimpleNamespace(root=root, base=base, base_weights=_weights(loaded.model), data=data, golds=golds,
                            settings=settings, out=out, log=log)
@@ -187,7 +202,8 @@ def test_grpo_rerun_resumes(world, tmp_path):
     kept = {p: p.read_bytes() for p in (out / "checkpoint-1").iterdir()}
     counter, log = StepCounter(), []
     train(TrainSettings("grpo", base=str(world.base), dataset="arith", limit=4, steps=2, save_every=1, seed=1,
-                        questions_per_step=2, num_generations=3, max_completion_length=6, device="cpu"),
+                        questions_per_step=2, num_generations=3, max_completion_length=6, device="cpu",
+                        truncated="lenient"),
           out, callbacks=[counter], log=log.append)
     assert counter.steps == [2]
     assert any("resuming from" in line and "checkpoint-1" in line for line in log)
@@ -262,7 +278,8 @@ def test_track_during_training_then_cli_resume(world, capsys):
     assert len(npz) == 4
     stamps = {p: p.stat().st_mtime_ns for p in npz}
     args = ["track", str(world.out), "--dataset", "gsm8k", "--source", str(world.data),
-            "--max-new-tokens", str(MAX_NEW), "--n-boot", "200", "--device", "cpu"]
+            "--max-new-tokens", str(MAX_NEW), "--n-boot", "200", "--device", "cpu", "--truncated", "lenient",
+            "--keep-unfinished"]
     assert cli_main(args + ["--alpha", "0.3"]) == 2  # other settings never mix into one OUT
     assert "changed: alpha" in capsys.readouterr().err
     assert cli_main(args) == 0
@@ -322,7 +339,8 @@ def test_track_with_too_few_both_correct(world, tmp_path, n_right, reason):
     qs = [f"Calculate {i} + {i + 1}." for i in range(N_QUESTIONS)]
     golds = world.golds[:n_right] + ["99999"] * (N_QUESTIONS - n_right)
     data = write_gsm8k_file(tmp_path / "hard.jsonl", golds, qs)
-    settings = TrackSettings(dataset="gsm8k", source=str(data), max_new_tokens=MAX_NEW, n_boot=200, device="cpu")
+    settings = TrackSettings(dataset="gsm8k", source=str(data), max_new_tokens=MAX_NEW, n_boot=200, device="cpu",
+                             **TINY_GRADING)
     out = tmp_path / "track"
     callback = TrackCallback(settings, out=out, log=QUIET)
     before = torch.random.get_rng_state()

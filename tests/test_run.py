@@ -65,6 +65,9 @@ def world(pair, tmp_path_factory):
 
 
 def make_config(pair, data, **over) -> RunConfig:
+    """The tiny random models stop at their token cap on most questions: these pipeline tests grade cut answers
+    by their text (lenient) and select without the finished filter; test_strict_grading_and_the_finished_filter
+    runs the defaults."""
     cfg = {
         "name": "tiny",
         "base": str(pair[0]),
@@ -73,7 +76,8 @@ def make_config(pair, data, **over) -> RunConfig:
         "alphas": [0.1, 0.5],
         "n_samples": 5,
         "seed": 3,
-        "selection": {"delta": 0.9},
+        "selection": {"delta": 0.9, "require_finished": False},
+        "grading": {"truncated": "lenient"},
         "dtype": "float64",
         "max_new_tokens": MAX_NEW,
         "gen_batch_size": 4,
@@ -161,6 +165,26 @@ def test_full_pipeline_then_rerun_skips_everything(pair, world, tmp_path):
     run_stages(RunContext(make_config(pair, world["data"]), run, progress=False, log=log5.append))
     assert sum("damaged" in line for line in log5) == 1 and sum("wrote" in line for line in log5) == 1
     np.testing.assert_array_equal(Attribution.load(path).scores, before)
+
+
+def test_strict_grading_and_the_finished_filter(pair, world, tmp_path):
+    """The defaults: an answer cut at the cap without a \\boxed{} answer is wrong, and selection keeps only
+    questions both models finished; the answers are those of the lenient run, only the grades differ."""
+    run = tmp_path / "run"
+    cfg = make_config(pair, world["data"], selection={"delta": 0.9}, grading={"truncated": "strict"})
+    with pytest.raises(UserError) as err:
+        run_stages(RunContext(cfg, run, progress=False, log=lambda *_: None), until="select")
+    rows = {role: read_rows(layout.generations(run, role, "gsm8k")) for role in layout.ROLES}
+    for role in layout.ROLES:
+        assert [r["answer_ids"] for r in sorted(rows[role], key=lambda r: r["idx"])] == [g.answer_ids for g in world[role]]
+        for r in rows[role]:
+            cut = r["stop"] == "length" and "\\boxed" not in r["answer_text"]
+            assert r["truncated"] == cut
+            assert r["correct"] == (not cut and is_correct(extract_answer(r["answer_text"]), r["gold"]))
+    both = {r["idx"] for r in rows["base"] if r["correct"]} & {r["idx"] for r in rows["tuned"] if r["correct"]}
+    finished = {r["idx"] for r in rows["base"] if r["stop"] == "eos"} & {r["idx"] for r in rows["tuned"] if r["stop"] == "eos"}
+    step = "both_correct" if not both else "finished"
+    assert not both & finished and f"survives the {step} filter" in str(err.value)
 
 
 def test_self_pair_copies_the_answers(pair, world, tmp_path):

@@ -9,14 +9,18 @@ from circuitdiff.errors import UserError
 from circuitdiff.select import SelectionSettings, select
 
 
-def rows_from(lengths, correct, start=0):
-    return [{"idx": start + i, "answer_ids": [7] * n, "correct": c} for i, (n, c) in enumerate(zip(lengths, correct))]
+def rows_from(lengths, correct, start=0, finished=None):
+    finished = [True] * len(lengths) if finished is None else finished
+    return [{"idx": start + i, "answer_ids": [7] * n, "correct": c, "stop": "eos" if f else "length"}
+            for i, (n, c, f) in enumerate(zip(lengths, correct, finished))]
 
 
-def reference(tb, tt, cb, ct, s: SelectionSettings):
+def reference(tb, tt, cb, ct, s: SelectionSettings, fb=None, ft=None):
     """The rules of docs/method.md section 6 written directly with numpy masks."""
     tb, tt, cb, ct = map(np.asarray, (tb, tt, cb, ct))
-    q = cb & ct
+    fb = np.ones_like(cb) if fb is None else np.asarray(fb)
+    ft = np.ones_like(ct) if ft is None else np.asarray(ft)
+    q = cb & ct & ((fb & ft) if s.require_finished else True)
     t_bar = ((tb[q] + tt[q]) / 2).mean()
     if s.length_rule == "paper":
         length = (tb >= s.beta * t_bar) & (tt <= s.gamma * t_bar)
@@ -32,22 +36,26 @@ def reference(tb, tt, cb, ct, s: SelectionSettings):
     return t_bar, cut, q, q & length, q & length & delta, keep
 
 
+@pytest.mark.parametrize("require_finished", [True, False])
 @pytest.mark.parametrize("length_rule", ["paper", "authors"])
 @pytest.mark.parametrize("cut_rule", ["paper", "authors"])
 @pytest.mark.parametrize("alpha", [0.03, 0.5])
-def test_filters_match_reference(length_rule, cut_rule, alpha):
+def test_filters_match_reference(length_rule, cut_rule, alpha, require_finished):
     rng = np.random.default_rng(3)
     n = 400
     tb = rng.integers(1, 400, n)
     tt = np.clip((tb * rng.uniform(0.3, 2.0, n)).astype(int), 1, None)
     cb, ct = rng.random(n) < 0.7, rng.random(n) < 0.6
-    s = SelectionSettings(alpha=alpha, n_samples=30, seed=5, length_rule=length_rule, cut_rule=cut_rule)
-    sel = select(rows_from(tb, cb), rows_from(tt, ct), s)
-    t_bar, cut, q, after_len, after_delta, keep = reference(tb, tt, cb, ct, s)
+    fb, ft = rng.random(n) < 0.9, rng.random(n) < 0.85  # some answers were cut at the token cap
+    s = SelectionSettings(alpha=alpha, n_samples=30, seed=5, length_rule=length_rule, cut_rule=cut_rule,
+                          require_finished=require_finished)
+    sel = select(rows_from(tb, cb, finished=fb), rows_from(tt, ct, finished=ft), s)
+    t_bar, cut, q, after_len, after_delta, keep = reference(tb, tt, cb, ct, s, fb, ft)
     assert sel.T_bar == pytest.approx(t_bar)
     assert sel.T_cut == cut
-    assert sel.counts == {"questions": n, "both_correct": q.sum(), "length": after_len.sum(),
+    assert sel.counts == {"questions": n, "both_correct": (cb & ct).sum(), "finished": q.sum(), "length": after_len.sum(),
                           "delta": after_delta.sum(), "cut": keep.sum(), "drawn": min(30, keep.sum())}
+    assert sel.removed["finished"] == ((cb & ct).sum() - q.sum() if require_finished else 0)
     assert sel.removed["length"] == q.sum() - after_len.sum()
     survivors = set(np.flatnonzero(keep).tolist())
     assert len(sel.idx) == len(set(sel.idx)) == 30 and set(sel.idx) <= survivors

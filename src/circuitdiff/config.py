@@ -75,6 +75,7 @@ class DatasetConfig(_Strict):
 
 
 class SelectionConfig(_Strict):
+    require_finished: bool = Field(True, description="keep only questions both models answered within the token cap")
     beta: float = Field(0.5, ge=0)
     gamma: float = Field(1.5, gt=0)
     delta: float = Field(0.5, gt=0)
@@ -83,6 +84,12 @@ class SelectionConfig(_Strict):
 
 
 Role = Literal[ROLES]
+
+
+class GradingConfig(_Strict):
+    truncated: Literal["strict", "lenient"] = Field(
+        "strict", description="an answer cut at max_new_tokens without a \\boxed{} answer: never correct (strict), or "
+                              "graded by its text like any other (lenient, the authors' evaluation)")
 
 
 class ValidationConfig(_Strict):
@@ -127,6 +134,7 @@ class RunConfig(_Strict):
     n_samples: int = Field(100, gt=0, description="N: questions drawn per dataset and alpha")
     seed: int = 0
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    grading: GradingConfig = Field(default_factory=GradingConfig)
     granularity: Literal["block", "qkv", "head"] = "block"
     dtype: Literal[DTYPE_NAMES] = "float32"
     device: str = "cpu"

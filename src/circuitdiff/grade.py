@@ -1,16 +1,22 @@
 """Grade a model's answer against the gold answer.
 
-Conventions (the authors' evaluation; docs/method.md, section 9):
-- Answer extraction: the content of the LAST ``\\boxed{...}`` (or ``\\fbox{...}``, nested
-  braces handled); else what follows the last "the answer is"; else the last number in
-  the text. `extract_answer` returns None when none of the three is found.
-- ``kind = "numeric"`` (GSM8K-style gold): both sides are read as numbers
-  (`parse_number`: thousands commas, ``$``, ``%``, trailing units, fractions, ``\\frac``)
-  and compared with relative tolerance `REL_TOL` = 1e-4; an answer that is not a
-  number is compared as a normalised string.
+Conventions (the authors' evaluation, made strict; docs/method.md, section 9):
+- Answer extraction: the content of the LAST non-empty ``\\boxed{...}`` (or ``\\fbox{...}``,
+  nested braces handled); else what follows the last "the answer is"; else the last number
+  in the text. An empty ``\\boxed{}`` holds no answer: extraction ignores it and reads the
+  rest of the text ("The answer is within \\boxed{}." gives no answer-is phrase, so the last
+  number decides). `extract_answer` returns None when none of the three is found.
+- Numbers (`parse_number`: thousands commas, ``$``, ``%``, trailing units, fractions,
+  ``\\frac``): an integer gold must be matched exactly (17999 is not 18000); a non-integer
+  gold within relative tolerance `REL_TOL` = 1e-6 (rounding in the last printed digits).
+- ``kind = "numeric"`` (GSM8K-style gold): numbers as above; an answer that is not a number
+  is compared as a normalised string.
 - ``kind = "math"`` (MATH-style gold): numbers as above when both sides are numbers,
-  else the symbolic check of math-verify (gold first, prediction second), else
-  normalised string equality.
+  else normalised string equality, else the symbolic check of math-verify.
+- Truncation: an answer stopped by the token cap (``finished=False``) with no non-empty
+  ``\\boxed{}`` is ``truncated``: it has no final answer, and it is never correct under the
+  default rule ``strict``. ``lenient`` grades it like any other text (the last number counts),
+  the authors' evaluation.
 - Accuracy: k/n with a Wilson score interval (95%, z = 1.959964).
 
 The small functions here (`extract_answer`, `parse_number`, `is_correct`,
@@ -24,15 +30,19 @@ import re
 import threading
 from dataclasses import dataclass
 
-REL_TOL = 1e-4
-GRADER_VERSION = "1"  # bump when a change here can change a grade: a run re-grades its rows
+REL_TOL = 1e-6  # non-integer golds; integer golds match exactly
+GRADER_VERSION = "2"  # bump when a change here can change a grade: a run re-grades its rows
+TRUNCATION_RULES = ("strict", "lenient")
 Z_95 = 1.959963984540054
 KINDS = ("numeric", "math")
 GRADING_CONVENTIONS = {
-    "extraction": "last \\boxed{} (or \\fbox{}), else text after the last 'the answer is', else the last number",
-    "numeric": f"both sides read as numbers (thousands commas, $, %, units, fractions dropped/parsed); "
-               f"equal within relative tolerance {REL_TOL}",
+    "extraction": "last non-empty \\boxed{} (or \\fbox{}), else text after the last 'the answer is', else the last "
+                  "number; an empty \\boxed{} is ignored",
+    "numeric": f"both sides read as numbers (thousands commas, $, %, units, fractions dropped/parsed); an integer gold "
+               f"must match exactly, a non-integer gold within relative tolerance {REL_TOL}",
     "math": "numbers as above, else normalised string equality, else math-verify verify(gold, prediction)",
+    "truncated": "an answer stopped by the token cap without a non-empty \\boxed{} has no final answer: never correct "
+                 "under the rule 'strict' (default); 'lenient' grades its text like any other",
     "accuracy_interval": "Wilson score interval, 95%",
     "grader_version": GRADER_VERSION,
 }
@@ -46,7 +56,9 @@ _NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")
 
 
 def extract_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` / ``\\fbox{...}`` (balanced braces), or of ``\\boxed 5``."""
+    """Content of the last ``\\boxed{...}`` / ``\\fbox{...}`` (balanced braces), or of ``\\boxed 5``.
+
+    An empty box gives "" (callers treat it as no answer)."""
     starts = [m.end() for m in _BOXED.finditer(text)]
     for start in reversed(starts):
         if start < len(text) and text[start] == "{":
@@ -65,6 +77,10 @@ def extract_boxed(text: str) -> str | None:
     return None
 
 
+_EMPTY_BOX = re.compile(r"\\(?:boxed|fbox)\s*\{\s*\}")
+_CONNECTIVES = {"within", "in", "inside", "as", "below", "above", "here"}  # "the answer is within \boxed{}"
+
+
 def _after_answer_is(text: str) -> str | None:
     matches = list(_ANSWER_IS.finditer(text))
     if not matches:
@@ -74,6 +90,8 @@ def _after_answer_is(text: str) -> str | None:
     # stop at the end of the sentence: a period followed by a space or the end, not a decimal point
     rest = re.split(r"\.(?=\s|$)", rest, maxsplit=1)[0]
     rest = rest.strip().strip("$").strip()
+    if rest.lower().strip(" .,:;") in _CONNECTIVES:  # the phrase pointed at a box that held nothing
+        return None
     return rest or None
 
 
@@ -90,9 +108,10 @@ def last_number(text: str) -> str | None:
 
 
 def extract_answer(text: str) -> str | None:
-    """The model's final answer: last \\boxed{}, else "the answer is ...", else the last number."""
+    """The model's final answer: last non-empty \\boxed{}, else "the answer is ...", else the last number."""
     if text is None:
         return None
+    text = _EMPTY_BOX.sub(" ", text)  # an empty box holds no answer
     for extractor in (extract_boxed, _after_answer_is, last_number):
         answer = extractor(text)
         if answer:
@@ -205,8 +224,11 @@ def parse_number(s: str | None) -> float | None:
     return None
 
 
-def numbers_equal(a: float, b: float, rel_tol: float = REL_TOL) -> bool:
-    return math.isclose(a, b, rel_tol=rel_tol, abs_tol=1e-12)
+def numbers_equal(pred: float, gold: float, rel_tol: float = REL_TOL) -> bool:
+    """An integer gold must be matched exactly; a non-integer gold within relative tolerance `rel_tol`."""
+    if math.isfinite(gold) and gold == int(gold):
+        return pred == gold
+    return math.isclose(pred, gold, rel_tol=rel_tol, abs_tol=0.0)
 
 
 def relative_deviation(pred: str | None, gold: str) -> float | None:
@@ -264,12 +286,26 @@ def is_correct(pred: str | None, gold: str, kind: str = "numeric") -> bool:
 class Grade:
     prediction: str | None
     correct: bool
+    truncated: bool = False  # stopped by the token cap with no non-empty \boxed{}: no final answer
 
 
-def grade(text: str, gold: str, kind: str = "numeric") -> Grade:
-    """Extract the answer from a model's full output `text` and check it against `gold`."""
+def is_truncated(text: str, finished: bool) -> bool:
+    """An answer stopped by the cap (not finished) whose text holds no non-empty \\boxed{}."""
+    return not finished and not extract_boxed(_EMPTY_BOX.sub(" ", text or ""))
+
+
+def grade(text: str, gold: str, kind: str = "numeric", finished: bool = True, truncated_rule: str = "strict") -> Grade:
+    """Extract the answer from a model's full output `text` and check it against `gold`.
+
+    finished: the answer ended by itself (EOS), not at the token cap. A truncated answer (see
+    `is_truncated`) is never correct under truncated_rule "strict"; "lenient" grades its text.
+    """
+    if truncated_rule not in TRUNCATION_RULES:
+        raise ValueError(f"truncated_rule {truncated_rule!r} is unknown; use one of {', '.join(TRUNCATION_RULES)}")
     prediction = extract_answer(text)
-    return Grade(prediction=prediction, correct=is_correct(prediction, gold, kind))
+    truncated = is_truncated(text, finished)
+    correct = is_correct(prediction, gold, kind) and not (truncated and truncated_rule == "strict")
+    return Grade(prediction=prediction, correct=correct, truncated=truncated)
 
 
 # ---------------------------------------------------------------- accuracy

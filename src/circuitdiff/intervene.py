@@ -40,7 +40,8 @@ INTERVENTION_CONVENTION = (
     "pass; c=0 removes the edge, c=1 changes nothing; applied at every position and every generation step"
 )
 LOSS_CONVENTION = "per question: mean NLL of the model's own greedy answer answer_ids[:cut_len] given the prompt"
-ACCURACY_CONVENTION = "per question: a fresh greedy answer generated with the intervention active, graded with circuitdiff.grade"
+ACCURACY_CONVENTION = ("per question: a fresh greedy answer generated with the intervention active, graded with "
+                       "circuitdiff.grade (an answer cut at the token cap without a \\boxed{} answer is wrong)")
 GROWTH_CONVENTION = "top-grown: largest absolute growth mean|W_tuned| - mean|W_base| (mean over samples), real edges only"
 SELECTORS = ("top", "top-grown")
 
@@ -241,7 +242,8 @@ def intervene(
                 gens = generate_with_edits(model, editor, prompts, edits, eos_ids=eos_ids, pad_id=pad_id,
                                            max_new_tokens=max_new_tokens, batch_size=gen_batch_size)
                 answers[name] = [g.answer_ids for g in gens]
-                correct[name] = np.array([float(grade(decode(g.answer_ids), q["gold"], q.get("kind", "numeric")).correct)
+                correct[name] = np.array([float(grade(decode(g.answer_ids), q["gold"], q.get("kind", "numeric"),
+                                                      finished=g.stop == "eos").correct)
                                           for g, q in zip(gens, questions)])
             timings["seconds_generate"] = round(time.perf_counter() - t0, 3)
     finally:

@@ -2,7 +2,9 @@
 
 Given the graded generations of both models, keep the comparable questions:
 
-1. ``both_correct``: the questions both models answered correctly (Q).
+1. ``both_correct``: the questions both models answered correctly.
+   ``finished`` (``require_finished``, default on): and both answers ended by themselves (EOS),
+   not at the token cap: a cut answer's length is the cap, not its length (Q).
 2. ``T_bar`` = mean over Q of (T_base + T_tuned) / 2, with T the answer length in tokens
    (generated tokens before EOS).
 3. length filter, two rules:
@@ -35,6 +37,7 @@ CUT_RULES = ("paper", "authors")
 @dataclass(frozen=True)
 class SelectionSettings:
     alpha: float
+    require_finished: bool = True
     beta: float = 0.5
     gamma: float = 1.5
     delta: float = 0.5
@@ -70,10 +73,11 @@ class Selection:
         return asdict(self)
 
 
-STEPS = ("questions", "both_correct", "length", "delta", "cut", "drawn")
+STEPS = ("questions", "both_correct", "finished", "length", "delta", "cut", "drawn")
 CONVENTIONS = {
+    "finished": "with require_finished: both answers ended with EOS, not at max_new_tokens (a row's stop == 'eos')",
     "answer_length": "generated tokens before EOS (len(answer_ids))",
-    "T_bar": "mean over both-correct questions of (T_base + T_tuned) / 2",
+    "T_bar": "mean over the both-correct (and finished) questions of (T_base + T_tuned) / 2",
     "length_rule.paper": "T_base >= beta*T_bar and T_tuned <= gamma*T_bar",
     "length_rule.authors": "beta*T_bar <= (T_base + T_tuned)/2 <= gamma*T_bar",
     "delta": "|T_base - T_tuned| / ((T_base + T_tuned)/2) < delta",
@@ -85,10 +89,17 @@ CONVENTIONS = {
 _FIXES = {
     "both_correct": "no question was answered correctly by both models; use more questions, an easier dataset, "
                     "or a larger max_new_tokens",
+    "finished": "every both-correct question has an answer cut at max_new_tokens; raise max_new_tokens "
+                "(or selection.require_finished: false)",
     "length": "raise gamma / lower beta, or try length_rule: authors",
     "delta": "raise delta",
     "cut": "lower alpha",
 }
+
+
+def finished(row: dict) -> bool:
+    """The answer ended with EOS, not at the token cap (rows without a `stop` field count as finished)."""
+    return row.get("stop", "eos") == "eos"
 
 
 def select(base_rows: list[dict], tuned_rows: list[dict], settings: SelectionSettings,
@@ -112,6 +123,9 @@ def select(base_rows: list[dict], tuned_rows: list[dict], settings: SelectionSet
 
     q = [i for i in common if base[i]["correct"] and tuned[i]["correct"]]
     check("both_correct", q)
+    if settings.require_finished:
+        q = [i for i in q if finished(base[i]) and finished(tuned[i])]
+    check("finished", q)
     tb = {i: length(base, i) for i in q}
     tt = {i: length(tuned, i) for i in q}
     mean_base = sum(tb.values()) / len(q)

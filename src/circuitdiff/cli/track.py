@@ -28,6 +28,11 @@ def register(subparsers) -> None:
     p.add_argument("--bins", type=int, default=d.bins)
     p.add_argument("--n-boot", type=int, default=d.n_boot)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--truncated", choices=["strict", "lenient"], default=d.truncated,
+                   help="an answer cut at the cap without a \\boxed{} answer: never correct (strict, default) or graded "
+                        "by its text (lenient)")
+    p.add_argument("--keep-unfinished", action="store_true",
+                   help="select questions even when an answer was cut at the cap (default: both answers finished)")
     options.add_dtype_device(p, dtype_default=d.dtype, device_default=d.device)
     p.add_argument("--gen-batch-size", type=int, default=d.gen_batch_size)
     p.add_argument("--out", help="output dir (default TRAIN_DIR/track for one run; required for several)")
@@ -41,6 +46,7 @@ def run(args) -> int:
                              alpha=args.alpha, n_samples=args.n_samples, max_new_tokens=args.max_new_tokens,
                              entries=args.entries, bins=args.bins, n_boot=args.n_boot, seed=args.seed,
                              dtype=args.dtype, device=args.device, gen_batch_size=args.gen_batch_size,
-                             progress=True)
+                             truncated=args.truncated,
+                             selection={"require_finished": False} if args.keep_unfinished else {}, progress=True)
     track(args.train_dirs, settings, args.out)
     return 0

@@ -27,6 +27,9 @@ def register(subparsers) -> None:
     p.add_argument("--lora-r", type=int, default=d.lora_r)
     p.add_argument("--lora-alpha", type=int, default=d.lora_alpha)
     p.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature (grpo, dpo pairs)")
+    p.add_argument("--truncated", choices=["strict", "lenient"], default=d.truncated,
+                   help="a sampled answer cut at the cap without a \\boxed{} answer: never correct (strict, default) "
+                        "or graded by its text (lenient)")
     p.add_argument("--max-completion-length", type=int, default=d.max_completion_length)
     p.add_argument("--questions-per-step", type=int, default=d.questions_per_step, help="grpo")
     p.add_argument("--num-generations", type=int, default=d.num_generations, help="grpo group size")
@@ -48,7 +51,7 @@ def run(args) -> int:
     settings = TrainSettings(
         algorithm=args.algorithm, base=args.base, dataset=args.dataset, split=args.split, limit=args.limit,
         prompt=args.prompt, steps=args.steps, save_every=args.save_every, learning_rate=args.lr, seed=args.seed,
-        lora_r=args.lora_r, lora_alpha=args.lora_alpha, temperature=args.temperature,
+        lora_r=args.lora_r, lora_alpha=args.lora_alpha, temperature=args.temperature, truncated=args.truncated,
         max_completion_length=args.max_completion_length, questions_per_step=args.questions_per_step,
         num_generations=args.num_generations, dpo_samples=args.dpo_samples, dpo_beta=args.dpo_beta,
         batch_size=args.batch_size, gradient_checkpointing=args.gradient_checkpointing, dtype=args.dtype,

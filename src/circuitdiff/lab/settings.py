@@ -37,6 +37,9 @@ class TrainSettings:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = LORA_TARGETS
+    # grading of sampled answers (grpo reward, dpo pairs): an answer cut at the cap without a \boxed{}
+    # answer is never correct ("strict", the pipeline's default) or graded by its text ("lenient")
+    truncated: str = "strict"
     # sampling (grpo, and dpo's pair building)
     temperature: float = 1.0
     max_completion_length: int = 200
@@ -62,6 +65,8 @@ class TrainSettings:
             raise UserError("steps and save_every must be >= 1")
         if self.algorithm == "grpo" and self.num_generations < 2:
             raise UserError("grpo needs num_generations >= 2 (advantages are relative to the group)")
+        if self.truncated not in ("strict", "lenient"):
+            raise UserError(f"truncated {self.truncated!r} is unknown; use strict or lenient")
         self.lora_targets = tuple(self.lora_targets)
 
 
@@ -85,7 +90,8 @@ class TrackSettings:
     n_boot: int = 10000
     n_perm: int = 1000
     min_samples: int = 2  # fewer selected questions: metrics NaN (a pair needs >= 2 for its statistics)
-    selection: dict = field(default_factory=dict)  # beta/gamma/delta/length_rule/cut_rule overrides
+    selection: dict = field(default_factory=dict)  # require_finished/beta/gamma/delta/length_rule/cut_rule overrides
+    truncated: str = "strict"  # the grading rule for answers cut at the cap (strict: never correct; lenient)
     device: str = field(default="auto", metadata=UNKEYED)
     gen_batch_size: int = field(default=16, metadata=UNKEYED)
     attr_batch_size: int = field(default=1, metadata=UNKEYED)

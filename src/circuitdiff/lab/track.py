@@ -106,6 +106,7 @@ def _run_config(info: dict, tuned: str, s: TrackSettings, device: str):
         "attn_implementation": s.attn_implementation, "prompt": info["prompt"], "instruction": info["instruction"],
         "max_new_tokens": s.max_new_tokens or info["max_completion_length"],
         "gen_batch_size": s.gen_batch_size, "attr_batch_size": s.attr_batch_size,
+        "grading": {"truncated": s.truncated},
     }, "track settings")
 
 

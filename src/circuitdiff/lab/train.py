@@ -34,7 +34,7 @@ from circuitdiff.data import Problem, _offline_file, _read_rows, dataset_spec, l
 from circuitdiff.errors import UserError
 from circuitdiff.grade import grade
 from circuitdiff.lab.reward import CONVENTION as REWARD_CONVENTION
-from circuitdiff.lab.reward import trl_reward
+from circuitdiff.lab.reward import make_trl_reward
 from circuitdiff.lab.settings import TrainSettings
 from circuitdiff.prompts import render
 from circuitdiff.store import layout
@@ -97,21 +97,27 @@ def build_dpo_pairs(samples: list[dict], max_pairs: int = 2, seed: int = 0) -> l
 
 @torch.no_grad()
 def sample_answers(model, tokenizer, prompts: list[str], n: int, temperature: float, max_new_tokens: int,
-                   seed: int, batch_size: int = 16) -> list[list[str]]:
-    """n sampled completions per prompt (left padding, KV cache); text before EOS."""
+                   seed: int, batch_size: int = 16) -> list[list[tuple[str, bool]]]:
+    """n sampled completions per prompt (left padding, KV cache): (text before EOS, finished with EOS)."""
+    from circuitdiff.decoding import eos_token_ids
+
+    eos = torch.tensor(eos_token_ids(model, tokenizer))
     torch.manual_seed(seed)
     device = next(model.parameters()).device
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out: list[list[str]] = []
+    out: list[list[tuple[str, bool]]] = []
     try:
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             gen = model.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
                                  max_new_tokens=max_new_tokens, num_return_sequences=n, pad_token_id=pad)
-            texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-            out += [texts[i * n:(i + 1) * n] for i in range(len(chunk))]
+            new = gen[:, enc["input_ids"].shape[1]:]
+            texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+            done = torch.isin(new.cpu(), eos).any(dim=1).tolist()
+            pairs = list(zip(texts, done))
+            out += [pairs[i * n:(i + 1) * n] for i in range(len(chunk))]
     finally:
         tokenizer.padding_side = side
     return out
@@ -124,10 +130,12 @@ def dpo_rows(settings: TrainSettings, model, tokenizer, out: Path) -> list[dict]
         return io.read_jsonl(cache)
     problems = load_problems(settings.dataset, settings.split, limit=settings.limit)
     rows = prompt_rows(problems, tokenizer, settings.prompt, settings.instruction)
-    texts = sample_answers(model, tokenizer, [r["prompt"] for r in rows], settings.dpo_samples,
-                           settings.temperature, settings.max_completion_length, settings.seed)
-    samples = [{"prompt": r["prompt"], "idx": r["idx"], "completions": t,
-                "correct": [grade(x, r["gold"], r["kind"]).correct for x in t]} for r, t in zip(rows, texts)]
+    answers = sample_answers(model, tokenizer, [r["prompt"] for r in rows], settings.dpo_samples,
+                             settings.temperature, settings.max_completion_length, settings.seed)
+    samples = [{"prompt": r["prompt"], "idx": r["idx"], "completions": [x for x, _ in t],
+                "correct": [grade(x, r["gold"], r["kind"], finished=done, truncated_rule=settings.truncated).correct
+                            for x, done in t]}
+               for r, t in zip(rows, answers)]
     pairs = build_dpo_pairs(samples, seed=settings.seed)
     if not pairs:
         raise UserError(f"dpo: no question had both a correct and a wrong sampled answer among {len(rows)} "
@@ -222,7 +230,10 @@ def _make_trainer(settings: TrainSettings, model, tokenizer, lora, common: dict,
             loss_type="dapo", beta=0.0, epsilon=settings.epsilon, epsilon_high=settings.epsilon_high,
             scale_rewards="group", log_completions=False,
         )
-        return GRPOTrainer(model=model, reward_funcs=trl_reward, args=config, train_dataset=data,
+        from circuitdiff.decoding import eos_token_ids
+
+        reward_func = make_trl_reward(eos_token_ids(model, tokenizer), settings.truncated)
+        return GRPOTrainer(model=model, reward_funcs=reward_func, args=config, train_dataset=data,
                            processing_class=tokenizer, peft_config=lora, callbacks=callbacks)
     if settings.algorithm == "sft":
         from trl import SFTConfig, SFTTrainer

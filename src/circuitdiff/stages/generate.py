@@ -2,7 +2,8 @@
 
 Resume: rows are appended per finished batch (flushed, fsynced); a rerun skips every idx already
 in the file, and a line cut off by a kill is dropped (the file rewritten atomically) before
-appending again. The settings that shape an answer (`settings`) are hashed into a key kept in
+appending again. Each row is graded as it is written (`grading.truncated` decides an answer cut
+at the cap without a \\boxed{} answer). The settings that shape an answer (`settings`) are hashed into a key kept in
 ``{dataset}.meta.json``; a rerun with another key refuses to mix answers. When both roles have
 the same key (a model paired with itself), the tuned rows are copied from the base rows (greedy
 decoding is deterministic). Rows are graded as they are written (circuitdiff.grade).
@@ -67,8 +68,9 @@ def generate_one(ctx, role: str, ds) -> None:
             raise UserError(f"{path} holds answers made with other settings (changed: {', '.join(changed)}); "
                             "use another run directory (--out) or delete that file")
         meta = None
+    rule = ctx.config.grading.truncated
     if meta is None:
-        write_json(meta_path, {"settings": wanted, "key": key, "grader": GRADER_VERSION})
+        write_json(meta_path, {"settings": wanted, "key": key, "grader": GRADER_VERSION, "truncated_rule": rule})
     problems = ctx.problems(ds)
     _check_rows_match(path, existing, problems)
     done = {r["idx"] for r in existing}
@@ -93,7 +95,7 @@ def generate_one(ctx, role: str, ds) -> None:
     ctx.log(f"generate {role} {ds.key}: {len(pending)} of {len(problems)} questions to answer "
             f"(greedy, max_new_tokens={cfg.max_new_tokens}, prompt={preset}, backend={backend.name})")
     generate_dataset(path, problems, prompts, backend, decode, cfg.gen_batch_size,
-                     progress=ctx.progress, desc=f"generate {role} {ds.key}")
+                     progress=ctx.progress, desc=f"generate {role} {ds.key}", truncated_rule=rule)
 
 
 def _check_rows_match(path: Path, rows: list[dict], problems: list[Problem]) -> None:
@@ -147,9 +149,10 @@ def _repair(path: Path) -> list[dict]:
     return rows
 
 
-def make_row(problem: Problem, prompt_ids: list[int], gen: Generation, decode: Callable[[list[int]], str]) -> dict:
+def make_row(problem: Problem, prompt_ids: list[int], gen: Generation, decode: Callable[[list[int]], str],
+             truncated_rule: str = "strict") -> dict:
     text = decode(gen.answer_ids)
-    graded = grade(text, problem.gold, problem.kind)
+    graded = grade(text, problem.gold, problem.kind, finished=gen.stop == "eos", truncated_rule=truncated_rule)
     return {
         "idx": problem.idx,
         "question": problem.question,
@@ -160,6 +163,7 @@ def make_row(problem: Problem, prompt_ids: list[int], gen: Generation, decode: C
         "answer_text": text,
         "stop": gen.stop,
         "prediction": graded.prediction,
+        "truncated": graded.truncated,
         "correct": graded.correct,
     }
 
@@ -173,6 +177,7 @@ def generate_dataset(
     batch_size: int = 16,
     progress: bool = True,
     desc: str = "generate",
+    truncated_rule: str = "strict",
 ) -> list[dict]:
     """Generate the answers missing from `path` (one row per question, see `make_row`) and return all rows.
 
@@ -195,7 +200,7 @@ def generate_dataset(
         for start in range(0, len(pending), batch_size):
             batch = pending[start : start + batch_size]
             gens = backend.generate([ids for _, ids in batch])
-            append_jsonl(path, [make_row(p, ids, g, decode) for (p, ids), g in zip(batch, gens)])
+            append_jsonl(path, [make_row(p, ids, g, decode, truncated_rule) for (p, ids), g in zip(batch, gens)])
             bar.update(len(batch))
     finally:
         bar.close()

@@ -1,8 +1,8 @@
 """Stage `grade`: every answer graded (circuitdiff.grade), and each model's accuracy recorded.
 
-Rows are graded as they are generated; when the grader version recorded in the generations'
-meta file differs from `GRADER_VERSION`, the rows are re-graded from their text and the file
-rewritten atomically. The accuracy (Wilson 95% interval) goes into the meta file and the manifest.
+Rows are graded as they are generated; when the grader version or the truncation rule
+(`grading.truncated`) recorded in the generations' meta file differs from the current one, the
+rows are re-graded from their text and stop reason and the file rewritten atomically. The accuracy (Wilson 95% interval) goes into the meta file and the manifest.
 """
 
 from __future__ import annotations
@@ -11,17 +11,18 @@ import json
 from dataclasses import asdict
 
 from circuitdiff.errors import UserError
-from circuitdiff.grade import GRADER_VERSION, accuracy, grade
+from circuitdiff.grade import GRADER_VERSION, REL_TOL, accuracy, grade
 from circuitdiff.io import read_json, read_jsonl_tolerant, write_json, write_jsonl
 from circuitdiff.store import layout
 
 
-def regrade(rows: list[dict]) -> list[dict]:
-    """Rows with `prediction` and `correct` recomputed from `answer_text` (after a grader change)."""
+def regrade(rows: list[dict], truncated_rule: str = "strict") -> list[dict]:
+    """Rows with `prediction`, `truncated` and `correct` recomputed from `answer_text` and `stop`."""
     out = []
     for row in rows:
-        graded = grade(row["answer_text"], row["gold"], row.get("kind", "numeric"))
-        out.append({**row, "prediction": graded.prediction, "correct": graded.correct})
+        graded = grade(row["answer_text"], row["gold"], row.get("kind", "numeric"),
+                       finished=row.get("stop", "eos") == "eos", truncated_rule=truncated_rule)
+        out.append({**row, "prediction": graded.prediction, "truncated": graded.truncated, "correct": graded.correct})
     return out
 
 
@@ -38,10 +39,11 @@ def grade_one(ctx, role: str, ds) -> None:
         raise UserError(f"{meta_path} does not exist; run the generate stage first")
     meta = read_json(meta_path)
     before = json.dumps(meta, sort_keys=True)
-    if meta.get("grader") != GRADER_VERSION:
-        write_jsonl(path, regrade(read_jsonl_tolerant(path)))
-        meta["grader"] = GRADER_VERSION
-        ctx.log(f"grade {role} {ds.key}: re-graded with grader version {GRADER_VERSION}")
+    rule = ctx.config.grading.truncated
+    if meta.get("grader") != GRADER_VERSION or meta.get("truncated_rule", "lenient") != rule:
+        write_jsonl(path, regrade(read_jsonl_tolerant(path), rule))
+        meta.update({"grader": GRADER_VERSION, "truncated_rule": rule})
+        ctx.log(f"grade {role} {ds.key}: re-graded with grader version {GRADER_VERSION}, truncated answers {rule}")
     rows = ctx.rows(role, ds)
     missing = len(ctx.problems(ds)) - len(rows)
     if missing:
@@ -52,5 +54,8 @@ def grade_one(ctx, role: str, ds) -> None:
         write_json(meta_path, meta)
     ctx.update_manifest("accuracy", role, ds.key, value=meta["accuracy"])
     stops = sum(r.get("stop") == "length" for r in rows)
-    ctx.log(f"grade {role} {ds.key}: accuracy {acc} [{stops} answers hit max_new_tokens; grading: last "
-            f"\\boxed{{}}, else 'the answer is', else last number; numbers rel. tol. 1e-4, math-verify]")
+    cut = sum(bool(r.get("truncated")) for r in rows)
+    ctx.log(f"grade {role} {ds.key}: accuracy {acc} [{stops} answers hit max_new_tokens, {cut} of them without a "
+            f"\\boxed{{}} answer ({rule}: {'never correct' if rule == 'strict' else 'graded by their text'}); grading: "
+            f"last non-empty \\boxed{{}}, else 'the answer is', else last number; integers exact, other numbers rel. "
+            f"tol. {REL_TOL:g}; math-verify]")

@@ -17,8 +17,8 @@ from circuitdiff.store.keys import settings_key, up_to_date, write_key
 
 
 def rows_digest(rows: list[dict]) -> str:
-    """What selection reads of a model's rows: idx, correct, answer length."""
-    return settings_key(sorted((r["idx"], bool(r["correct"]), len(r["answer_ids"])) for r in rows))
+    """What selection reads of a model's rows: idx, correct, answer length, stop reason."""
+    return settings_key(sorted((r["idx"], bool(r["correct"]), len(r["answer_ids"]), r.get("stop", "eos")) for r in rows))
 
 
 def stage(ctx) -> None:
@@ -45,7 +45,7 @@ def stage(ctx) -> None:
             c = sel.counts
             ctx.log(
                 f"select {ds.key} alpha={alpha}: {c['questions']} questions -> {c['both_correct']} both correct "
-                f"-> {c['length']} length ({settings.length_rule} rule, beta={settings.beta}, "
+                f"-> {c['finished']} both finished -> {c['length']} length ({settings.length_rule} rule, beta={settings.beta}, "
                 f"gamma={settings.gamma}) -> {c['delta']} delta<{settings.delta} -> {c['cut']} with >= T_cut "
                 f"tokens -> {c['drawn']} drawn (N={settings.n_samples}, seed={settings.seed}); "
                 f"T_bar={sel.T_bar:.1f} tokens, T_cut={sel.T_cut} ({settings.cut_rule} rule)"
