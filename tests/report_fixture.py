@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from circuitdiff.graph import Graph
+from circuitdiff.store import layout
 from circuitdiff.report.compute import group_node  # attn.1.h3 -> attn.1
 
 PLANTED_SOURCE = "attn.1"
@@ -73,12 +74,12 @@ def make_run(root: Path, n: int = 24, n_layers: int = 3, granularity: str = "qkv
     for dataset, alpha, planted in (("planted", "0.1", True), ("planted", "0.3", True), ("null", "0.1", False)):
         base, tuned = pair_matrices(rng, graph, n, planted)
         idx = [100 + 3 * k for k in range(n)]
-        write_w(run / "attribution" / "base" / dataset / f"alpha={alpha}.npz", base, graph, rng.uniform(0.5, 1, n), "synthetic-base", idx)
-        write_w(run / "attribution" / "tuned" / dataset / f"alpha={alpha}.npz", tuned, graph, rng.uniform(0.3, 1, n), "synthetic-tuned", idx)
+        write_w(layout.attribution(run, "base", dataset, float(alpha)), base, graph, rng.uniform(0.5, 1, n), "synthetic-base", idx)
+        write_w(layout.attribution(run, "tuned", dataset, float(alpha)), tuned, graph, rng.uniform(0.3, 1, n), "synthetic-tuned", idx)
         sel = run / "selection" / dataset / f"alpha={alpha}.json"
         sel.parent.mkdir(parents=True, exist_ok=True)
         sel.write_text(json.dumps({"idx": [100 + 3 * k for k in range(n)], "T_bar": 120.0, "T_cut": int(float(alpha) * 120), "n_both_correct": 3 * n}))
     base, _ = pair_matrices(rng, graph, n, True)
-    write_w(run / "attribution" / "base" / "planted" / "alpha=0.5.npz", base, graph, np.ones(n), "synthetic-base")
+    write_w(layout.attribution(run, "base", "planted", 0.5), base, graph, np.ones(n), "synthetic-base")
     (run / "manifest.json").write_text(json.dumps({"models": {"base": "synthetic-base", "tuned": "synthetic-tuned"}, "seed": seed}))
     return run

@@ -9,7 +9,6 @@ import torch
 from circuitdiff.store import layout
 from circuitdiff.demo import MAX_NEW_TOKENS, demo, demo_adapter
 from circuitdiff.io import read_jsonl_tolerant as read_rows
-from circuitdiff.io import read_json
 from circuitdiff.models import load_model
 
 pytestmark = pytest.mark.smollm
@@ -35,7 +34,9 @@ def test_packaged_adapter_is_a_small_grpo_lora_of_smollm2_that_changes_the_weigh
 
 def test_demo_end_to_end_on_a_few_problems(tmp_path):
     out = tmp_path / "demo"
-    report = demo(out, limit=40, validate_samples=1, intervene_questions=4, progress=False, log=lambda *_: None)
+    # the first 30 problems leave 2 questions that both models answer correctly within the cap and that pass the
+    # length filters (40 leave 1): the smallest demo with metrics
+    report = demo(out, limit=30, validate_samples=1, intervene_questions=4, progress=False, log=lambda *_: None)
     html = (report / "report.html").read_text(encoding="utf-8")
     for title in ("Task accuracy", "Conventions"):
         assert title in html
@@ -43,12 +44,16 @@ def test_demo_end_to_end_on_a_few_problems(tmp_path):
     acc = {r["dataset"]: r for r in _csv(report / "accuracy.csv")}
     for role in layout.ROLES:
         rows = read_rows(layout.generations(out, role, "arith"))
-        assert len(rows) == 40
+        assert len(rows) == 30
         assert float(acc["arith"][role]) == pytest.approx(np.mean([r["correct"] for r in rows]))
         assert all(len(r["answer_ids"]) <= MAX_NEW_TOKENS for r in rows)
-    sel = read_json(layout.selection(out, "arith", 0.1))
-    if sel["idx"]:  # the validation and intervention need a both-correct question
-        assert list((out / "validation").rglob("*.json")) and list((out / "intervention").rglob("*.json"))
+    assert layout.validation(out, "tuned", "arith", 0.1).exists()
+    assert list(layout.find_interventions(out))
+    # the controls: both objectives, own and same text, both scales
+    metrics = _csv(report / "metrics.csv")
+    assert {(r["objective"], r["text"], r["scale"]) for r in metrics} == {
+        (o, t, s) for o in ("nll", "logit") for t in ("own", "base", "tuned") for s in ("unit", "raw")}
+    assert "Same text" in html and "Loss and scale" in html
 
 
 def _csv(path):

@@ -242,3 +242,45 @@ def test_head_granularity_refused_where_heads_do_not_add_up():
 def test_bad_samples(bad, message):
     with pytest.raises(UserError, match=message):
         attribute(tiny_model("llama"), [bad])
+
+
+def test_logit_objective_is_linear_in_the_final_norm():
+    """Doubling the final norm's weight doubles the logits, so minus the centred logit and every W of the
+    logit objective double exactly (a power of two commutes with rounding); the NLL, which saturates, does not."""
+    model = tiny_model("llama")
+    samples = tiny_samples(9, 2)
+    doubled = tiny_model("llama")
+    with torch.no_grad():
+        doubled.model.norm.weight.mul_(2.0)
+    W1 = attribute(model, samples, objective="logit")
+    W2 = attribute(doubled, samples, objective="logit")
+    assert np.abs(W1.scores).max() > 1e-6
+    np.testing.assert_array_equal(W2.scores, 2.0 * W1.scores)
+    np.testing.assert_array_equal(W2.loss, 2.0 * W1.loss)
+    # the value is minus the centred logit of the answer tokens, from the plain model's logits
+    for k, s in enumerate(samples):
+        ids = torch.tensor([s["prompt_ids"] + s["answer_ids"][: s["cut_len"]]])
+        logits = model(ids).logits[0, len(s["prompt_ids"]) - 1 : len(s["prompt_ids"]) - 1 + s["cut_len"]]
+        targets = torch.tensor(s["answer_ids"][: s["cut_len"]])
+        centred = logits[torch.arange(s["cut_len"]), targets] - logits.mean(-1)
+        assert W1.loss[k] == pytest.approx(-centred.mean().item(), rel=1e-12)
+    N1 = attribute(model, samples, objective="nll").scores
+    N2 = attribute(doubled, samples, objective="nll").scores
+    assert not np.allclose(N2, 2.0 * N1, rtol=1e-3)
+    with pytest.raises(UserError, match="objective 'ce' is unknown"):
+        attribute(model, samples, objective="ce")
+
+
+def test_logit_objective_equals_the_gated_oracle():
+    """The logit objective's W is -dL/dgate of the independent gated re-implementation with that objective."""
+    model = tiny_model("qwen2")
+    samples = tiny_samples(10, 2)
+    result = attribute(model, samples, granularity="qkv", objective="logit", batch_size=2)
+    for k, sample in enumerate(samples):
+        _, gates, logits = naive_gated_forward(model, [sample], "qkv")
+        p, cut = len(sample["prompt_ids"]), sample["cut_len"]
+        picked = logits[0, p - 1 : p - 1 + cut]
+        target = torch.tensor(sample["answer_ids"][:cut])
+        loss = -(picked[torch.arange(cut), target] - picked.mean(-1)).mean()
+        (grad,) = torch.autograd.grad(loss, gates.values)
+        assert_close(result.scores[k], -grad.numpy())

@@ -189,7 +189,7 @@ def test_cli_loss_only_writes_json(tmp_path, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "targeted - random" in out and "paired-bootstrap" in out
-    data = json.loads((run / "intervention" / "tuned" / "gsm8k" / "alpha=0.1" / "top_k=2_factor=0.0.json").read_text())
+    data = json.loads(layout.intervention(run, "tuned", "gsm8k", 0.1, "top_k=2_factor=0.0").read_text())
     assert len(data["targeted_edges"]) == 2 and len(data["random_edges"]) == 2
     assert len(data["per_question"]["loss"]["none"]) == 4 and data["per_question"]["correct"] is None
     assert data["meta"]["T_cut"] == 2 and "x_d - (1-c)*O_u" in data["conventions"]["intervention"]
@@ -220,12 +220,12 @@ def test_report_section_shows_validation_and_intervention(tmp_path, capsys):
     common = ["--run", str(run), "--dataset", "gsm8k", "--alpha", "0.1"]
     assert main(["validate", *common, "--batch-size", "8"]) == 0
     assert main(["intervene", *common, "--edges", "top-grown", "--k", "2", "--n-random", "2", "--no-accuracy"]) == 0
-    validation = json.loads((run / "validation" / "tuned" / "gsm8k" / "alpha=0.1.json").read_text())
+    validation = json.loads(layout.validation(run, "tuned", "gsm8k", 0.1).read_text())
     out = build_report(run, Settings(n_boot=100, n_perm=100))
     page = (out / "report.html").read_text()
     assert "EAP vs exact edge ablation" in page and "Edge interventions" in page
     assert f"{validation['summary']['spearman']:.3f}"[:4] in page
-    assert (out / "fig_validation_tuned_gsm8k_alpha=0.1.png").read_bytes()[:4] == b"\x89PNG"
-    (run / "intervention" / "tuned" / "gsm8k" / "alpha=0.1" / "broken.json").write_text("{")
+    assert (out / "fig_validation_nll_tuned_gsm8k_alpha=0.1.png").read_bytes()[:4] == b"\x89PNG"
+    layout.intervention(run, "tuned", "gsm8k", 0.1, "broken").write_text("{")
     sections = validation_section(SimpleNamespace(run_dir=run))
     assert "broken.json" in sections[1].text and len(sections[1].blocks[0].rows) == 1

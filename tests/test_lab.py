@@ -274,7 +274,7 @@ def test_track_during_training_then_cli_resume(world, capsys):
     assert (out / "track.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # `circuitdiff track` over the same dir resumes: nothing regenerated or re-attributed, the same csv
-    npz = sorted(out.glob("runs/grpo/checkpoint-*/attribution/*/gsm8k/*.npz"))
+    npz = sorted(out.glob("runs/grpo/checkpoint-*/attribution/nll/*/gsm8k/*.npz"))
     assert len(npz) == 4
     stamps = {p: p.stat().st_mtime_ns for p in npz}
     args = ["track", str(world.out), "--dataset", "gsm8k", "--source", str(world.data),
@@ -357,7 +357,7 @@ def test_track_with_too_few_both_correct(world, tmp_path, n_right, reason):
         assert math.isnan(float(r["diff"])) and math.isnan(float(r["diff_ci_low"]))
         assert r["note"].startswith("no metrics:") and reason in r["note"]
     assert (out / "track.png").exists()
-    assert not list(out.glob("runs/grpo/checkpoint-2/attribution/*/*/*.npz"))
+    assert not list(out.glob("runs/grpo/checkpoint-2/attribution/*/*/*/*.npz"))
 
 
 def test_cli_wiring():

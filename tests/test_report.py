@@ -10,6 +10,7 @@ from scipy import stats as sps
 
 from circuitdiff import cli
 from circuitdiff.errors import UserError
+from circuitdiff.store import layout
 from circuitdiff.graph import Graph
 from circuitdiff.report import Settings, build_report
 from circuitdiff.report import build_report as build
@@ -28,13 +29,19 @@ def report(tmp_path_factory):
     return run, out, rows
 
 
-def _row(rows, dataset, alpha, metric, role, entries="all"):
-    (row,) = [r for r in rows if (r["dataset"], r["alpha"], r["metric"], r["role"], r["entries"]) == (dataset, alpha, metric, role, entries)]
+def _row(rows, dataset, alpha, metric, role, entries="all", scale="raw"):
+    (row,) = [r for r in rows if (r["dataset"], r["alpha"], r["metric"], r["role"], r["entries"], r["scale"], r["text"],
+                                  r["objective"]) == (dataset, alpha, metric, role, entries, scale, "own", "nll")]
     return row
 
 
+def _unit(X):
+    """Each sample divided by its own mean |W| (the unit scale), written directly."""
+    return X / np.abs(X).mean(axis=1, keepdims=True)
+
+
 def _load(run, role, dataset, alpha):
-    with np.load(run / "attribution" / role / dataset / f"alpha={alpha}.npz") as d:
+    with np.load(layout.attribution(run, role, dataset, float(alpha))) as d:
         return d["scores"].astype(np.float64), d["edge_mask"], [str(s) for s in d["src_names"]]
 
 
@@ -48,9 +55,12 @@ def test_writes_every_file(report):
         assert name in names, name
     for png in out.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
-    # 3 pairs x 2 entries modes x 4 metrics x 3 roles; planted alpha=0.5 has no tuned file
-    assert len(rows) == 3 * 2 * 4 * 3
-    assert {r["role"] for r in rows} == {"base", "tuned", "diff"}
+    # 3 pairs x 2 entries modes x (4 raw + 3 unit metrics: unit intensity is 1) x 3 roles; planted alpha=0.5 has
+    # no tuned file
+    assert len(rows) == 3 * 2 * (4 + 3) * 3
+    assert {r["role"] for r in rows} == {"base", "tuned", "diff"} and {r["scale"] for r in rows} == {"raw", "unit"}
+    assert {r["text"] for r in rows} == {"own"} and {r["objective"] for r in rows} == {"nll"}
+    assert not [r for r in rows if r["scale"] == "unit" and r["metric"] == "activation_intensity"]
     for col in ("granularity", "entries", "bins", "range", "log_base", "eps", "loss", "n_samples", "n_boot", "seed"):
         assert all(r[col] != "" for r in rows), col
     r = rows[0]
@@ -58,14 +68,17 @@ def test_writes_every_file(report):
     assert "T_cut=" in r["loss"] and "shared" in r["range"]
 
 
+@pytest.mark.parametrize("scale", ["raw", "unit"])
 @pytest.mark.parametrize("entries", ["all", "edges"])
-def test_metric_values_match_an_independent_computation(report, entries):
+def test_metric_values_match_an_independent_computation(report, entries, scale):
     run, _, rows = report
     for dataset, alpha in (("planted", "0.1"), ("planted", "0.3"), ("null", "0.1")):
         Wb, mask, _ = _load(run, "base", dataset, alpha)
         Wt, _, _ = _load(run, "tuned", dataset, alpha)
         pick = (lambda W: W.reshape(len(W), -1)) if entries == "all" else (lambda W: W[:, mask])
         Xb, Xt = pick(Wb), pick(Wt)
+        if scale == "unit":
+            Xb, Xt = _unit(Xb), _unit(Xt)
         hi = max(np.abs(Xb).max(), np.abs(Xt).max())
         expected = {}
         for role, X in (("base", Xb), ("tuned", Xt)):
@@ -77,13 +90,16 @@ def test_metric_values_match_an_independent_computation(report, entries):
                 "diversity": 1 - np.corrcoef(X)[iu].mean(),
             }
         for metric in expected["base"]:
-            b, t = (float(_row(rows, dataset, alpha, metric, role, entries)["value"]) for role in ("base", "tuned"))
-            d = _row(rows, dataset, alpha, metric, "diff", entries)
+            if scale == "unit" and metric == "activation_intensity":
+                assert expected["base"][metric] == pytest.approx(1.0)  # why it is not reported
+                continue
+            b, t = (float(_row(rows, dataset, alpha, metric, role, entries, scale)["value"]) for role in ("base", "tuned"))
+            d = _row(rows, dataset, alpha, metric, "diff", entries, scale)
             assert b == pytest.approx(expected["base"][metric], rel=1e-6), metric
             assert t == pytest.approx(expected["tuned"][metric], rel=1e-6), metric
             assert float(d["value"]) == pytest.approx(t - b, rel=1e-9, abs=1e-15)
             for role in ("base", "tuned", "diff"):
-                r = _row(rows, dataset, alpha, metric, role, entries)
+                r = _row(rows, dataset, alpha, metric, role, entries, scale)
                 assert float(r["ci_low"]) <= float(r["value"]) <= float(r["ci_high"]), (metric, role)
 
 
@@ -122,9 +138,11 @@ def test_edge_change_shows_the_planted_source(report):
 def test_tables_have_paper_layout_and_arrows(report):
     _, out, _ = report
     md = (out / "table.md").read_text()
-    assert "## entries = all, alpha = 0.1" in md and "## entries = edges, alpha = 0.3" in md
+    assert "## each model on its own answers; objective = nll, entries = all, alpha = 0.1" in md
+    assert "## each model on its own answers; objective = nll, entries = edges, alpha = 0.3" in md
+    assert "| Dataset | Metric | unit scale: base → tuned; Δ [95% CI]; p | raw scale:" in md  # unit first
     intensity = [line for line in md.splitlines() if line.startswith("| planted | Act. Intens.")]
-    assert intensity and all("↑" in line for line in intensity)
+    assert intensity and all("↑" in line and "1 (by construction)" in line for line in intensity)
     null_lines = md.split("| null |")[1].split("| planted |")[0]
     assert "↑" not in null_lines.split("Dist. Kurt.")[0]  # null intensity and complexity: no arrow
     tex = (out / "table.tex").read_text()
@@ -132,7 +150,7 @@ def test_tables_have_paper_layout_and_arrows(report):
     assert "$\\uparrow$" in tex and "50 bins" in tex
     for line in tex.splitlines():
         if line.endswith("\\\\") and not line.startswith("Dataset"):
-            assert line.count(" & ") == 6, line  # 7 columns
+            assert line.count(" & ") == 4, line  # dataset, metric, unit, raw, n
 
 
 def test_html_is_self_contained_and_names_conventions(report):
@@ -148,7 +166,7 @@ def test_partial_run_and_mismatched_pair(tmp_path):
     run = make_run(tmp_path / "run", n=8)
     # break one pair: the tuned file has fewer samples
     Wt, mask, _ = _load(run, "tuned", "planted", "0.3")
-    write_w(run / "attribution" / "tuned" / "planted" / "alpha=0.3.npz", Wt[:5], Graph(3, "qkv"), np.ones(5), "t")
+    write_w(layout.attribution(run, "tuned", "planted", 0.3), Wt[:5], Graph(3, "qkv"), np.ones(5), "t")
     out = build(run, Settings(n_boot=200, n_perm=200, entries=("edges",)), tmp_path / "rep", [skipped_section])
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
@@ -172,7 +190,7 @@ def test_samples_are_paired_by_question_idx(tmp_path):
 
     before = _metrics(build_report(run, settings, out_dir=tmp_path / "a"))
     # store tuned's samples in another order, with their idx: the report must pair them back
-    path = run / "attribution" / "tuned" / "planted" / "alpha=0.1.npz"
+    path = layout.attribution(run, "tuned", "planted", 0.1)
     with np.load(path) as d:
         W, loss, meta = d["scores"], d["loss"], json.loads(str(d["meta"]))
     order = np.random.default_rng(0).permutation(10)
@@ -222,7 +240,7 @@ def test_errors_are_one_clear_line(tmp_path):
     with pytest.raises(UserError, match="no attribution"):
         build_report(tmp_path / "empty")
     run = make_run(tmp_path / "run", n=4)
-    for p in (run / "attribution" / "tuned").rglob("*.npz"):
+    for p in (run / "attribution" / "nll" / "tuned").rglob("*.npz"):
         p.unlink()
     with pytest.raises(UserError, match="no tuned attribution file"):
         build_report(run)
@@ -237,8 +255,62 @@ def test_cli(tmp_path, capsys):
     assert "skipped planted alpha=0.5" in captured.err
     with open(run / "report" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    assert {r["log_base"] for r in rows} == {"2"} and {r["range"] for r in rows} == {"[0, 0.02] fixed"}
+    assert {r["log_base"] for r in rows} == {"2"}
+    assert {r["range"] for r in rows if r["scale"] == "raw"} == {"[0, 0.02] fixed"}
+    assert all(r["range"].endswith(" shared") for r in rows if r["scale"] == "unit")  # a fixed range is in raw units
     assert cli.main(["report", str(run), "--range", "big"]) == 2
     assert "--range 'big'" in capsys.readouterr().err
+    code = cli.main(["report", str(run), "--n-boot", "200", "--n-perm", "200", "--range", "own", "--entries", "edges"])
+    assert code == 0
+    with open(run / "report" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["metric"] == "information_complexity" and r["role"] == "diff"]
+    assert rows and all(r["range"].endswith(" own") and r["p_perm"] == "nan" for r in rows)
     assert cli.main(["report", str(run), "--entries", "dense"]) == 2
     assert json.loads((run / "manifest.json").read_text())["models"]["base"] == "synthetic-base"
+
+
+def test_a_rescaled_model_differs_on_the_raw_scale_only(tmp_path):
+    """tuned = 2 x base, question by question (a surer model whose loss gradient halved would look like this,
+    inverted): the unit scale sees no difference at all, the raw intensity ratio is exactly 2, and the raw
+    Information Complexity on the shared range moves although no edge changed its share (the confound);
+    each model's own range removes that."""
+    rng = np.random.default_rng(5)
+    graph, n = Graph(3, "block"), 8
+    base = rng.standard_t(4, size=(n, *graph.edge_mask.shape)) * graph.edge_mask
+    run = tmp_path / "run"
+    idx = list(range(n))
+    write_w(layout.attribution(run, "base", "scaled", 0.1), base, graph, np.ones(n), "b", idx)
+    write_w(layout.attribution(run, "tuned", "scaled", 0.1), 2.0 * base, graph, np.ones(n), "t", idx)  # exact in binary
+
+    def metrics(range_):
+        out = build(run, Settings(n_boot=200, n_perm=200, range=range_), tmp_path / f"rep-{range_}", [])
+        with open(out / "metrics.csv") as f:
+            return {(r["entries"], r["scale"], r["metric"], r["role"]): float(r["value"]) for r in csv.DictReader(f)}
+
+    shared = metrics("shared")
+    for entries in ("all", "edges"):
+        for metric in ("information_complexity", "distribution_kurtosis", "diversity"):
+            assert shared[(entries, "unit", metric, "diff")] == 0.0, (entries, metric)
+        ratio = shared[(entries, "raw", "activation_intensity", "tuned")] / shared[(entries, "raw", "activation_intensity", "base")]
+        assert ratio == pytest.approx(2.0, rel=1e-12)
+        assert shared[(entries, "raw", "information_complexity", "diff")] > 0.1  # bins shared: base fills half of them
+        assert shared[(entries, "raw", "distribution_kurtosis", "diff")] == pytest.approx(0.0, abs=1e-9)
+    own = metrics("own")
+    assert own[("all", "raw", "information_complexity", "diff")] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_loss_relation_by_hand():
+    from circuitdiff.report.compute import loss_relation
+    from circuitdiff.stats import bootstrap_indices, index_weights
+
+    rng = np.random.default_rng(2)
+    Ib, Lb = rng.uniform(0.5, 2, 30), rng.uniform(0.2, 1, 30)
+    dL = rng.normal(-0.5, 0.3, 30)
+    Lt = Lb * np.exp(dL)
+    It = Ib * np.exp(0.8 * dL + 0.1 + rng.normal(0, 0.01, 30))  # intensity follows the loss with slope 0.8
+    w = index_weights(bootstrap_indices(30, 500, np.random.default_rng(0)), 30)
+    rel = loss_relation(Ib, It, Lb, Lt, w, 0.95)
+    slope, intercept = np.polyfit(np.log(Lt / Lb), np.log(It / Ib), 1)
+    assert rel["slope"] == pytest.approx(slope, rel=1e-10) and rel["slope_ci"][0] < 0.8 < rel["slope_ci"][1]
+    assert rel["mean_dlog_intensity"] == pytest.approx(np.log(It / Ib).mean(), rel=1e-12)
+    assert not loss_relation(Ib, It, -Lb, Lt, w, 0.95)["defined"]  # the logit objective can be negative

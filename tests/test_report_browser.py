@@ -96,10 +96,11 @@ def test_report_loads_with_tables_and_sections(built):
     browser, root, out = built
     outline = Outline()
     outline.feed(dump_dom(browser, out / "report.html", root / "profile-plain"))
-    for title in ("Conventions", "Summary table", "Metrics vs alpha", "Relative change per edge",
+    for title in ("Conventions", "Summary table", "Loss and scale", "Metrics vs alpha", "Relative change per edge",
                   "Diversity across samples", "Output-edge entropy per source node", "Skipped"):  # fmt: skip
         assert title in outline.h2, title
-    for text in ("Act. Intens.", "Info. Complex.", "Dist. Kurt.", "Diversity", "Base → Tuned", "planted", "null", "↑"):
+    for text in ("Act. Intens.", "Info. Complex.", "Dist. Kurt.", "Diversity", "unit scale: base → tuned; Δ [95% CI]; p",
+                 "1 (by construction)", "planted", "null"):
         assert text in outline.cells, text
     assert sorted(outline.imgs) == sorted(p.name for p in out.glob("*.png"))
 

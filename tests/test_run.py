@@ -187,6 +187,47 @@ def test_strict_grading_and_the_finished_filter(pair, world, tmp_path):
     assert not both & finished and f"survives the {step} filter" in str(err.value)
 
 
+def test_same_text_scores_both_models_on_identical_tokens(pair, world, tmp_path):
+    """text: both, objective: nll and logit. Each same-text W file equals `attribute` of that model on the other
+    model's prompt + answer tokens; the report compares them beside the own-text pairs."""
+    from circuitdiff.report import Settings, build_report
+
+    run = tmp_path / "run"
+    cfg = make_config(pair, world["data"], text="both", objective=["nll", "logit"], alphas=[0.1])
+    run_stages(RunContext(cfg, run, progress=False, log=lambda *_: None))
+    sel = read_json(layout.selection(run, "gsm8k", 0.1))
+    models = {role: load_model(str(path), "float64") for role, path in zip(layout.ROLES, pair)}
+    rows = {role: {r["idx"]: r for r in read_rows(layout.generations(run, role, "gsm8k"))} for role in layout.ROLES}
+    for objective in ("nll", "logit"):
+        for model, text in (("tuned", "base"), ("base", "tuned"), ("tuned", "tuned")):
+            W = Attribution.load(layout.attribution(run, model, "gsm8k", 0.1, text, objective))
+            samples = [{"prompt_ids": rows[text][i]["prompt_ids"], "answer_ids": rows[text][i]["answer_ids"],
+                        "cut_len": sel["T_cut"]} for i in sel["idx"]]
+            direct = attribute(models[model], samples, objective=objective)
+            np.testing.assert_allclose(W.scores, direct.scores.astype(np.float32), rtol=1e-6, atol=1e-9)
+            assert W.meta["text"] == text and W.meta["objective"] == objective and W.meta["role"] == model
+    out = build_report(run, Settings(n_boot=200, n_perm=200, entries=("edges",)))
+    with open(out / "metrics.csv") as f:
+        import csv
+
+        comparisons = {(r["objective"], r["text"]) for r in csv.DictReader(f)}
+    assert comparisons == {(o, t) for o in ("nll", "logit") for t in ("own", "base", "tuned")}
+    html = (out / "report.html").read_text()
+    assert "Same text" in html and "both models on the base model&#x27;s answers" in html
+
+
+def test_same_text_needs_the_other_models_answers(pair, world, tmp_path):
+    run = tmp_path / "run"
+    cfg = make_config(pair, world["data"], text="base", alphas=[0.1])
+    ctx = RunContext(cfg, run, progress=False, log=lambda *_: None)
+    run_stages(ctx, until="select")
+    layout.generations(run, "base", "gsm8k").unlink()
+    from circuitdiff.stages import attribute as attribute_stage
+
+    with pytest.raises(UserError, match="run the generate stage first"):
+        attribute_stage.attribute_one(ctx, "tuned", "base", cfg.datasets[0], 0.1)
+
+
 def test_self_pair_copies_the_answers(pair, world, tmp_path):
     run = tmp_path / "run"
     log = []
@@ -259,6 +300,10 @@ def test_presets_validate():
         ({"selection": {"length_rule": "mine"}}, "selection.length_rule"),
         ({"gen_batch_size": 0}, "gen_batch_size"),
         ({"temperature": 0.7}, "temperature: Extra inputs are not permitted"),
+        ({"objective": "ce"}, "objective.0: Input should be 'nll' or 'logit'"),
+        ({"objective": ["nll", "nll"]}, "objective repeats"),
+        ({"text": "mine"}, "text: Input should be 'own', 'base', 'tuned' or 'both'"),
+        ({"grading": {"truncated": "kind"}}, "grading.truncated"),
         ({"base": None}, "base"),
     ],
 )
@@ -288,7 +333,11 @@ def test_cli_reports_bad_config(tmp_path, capsys):
 def test_alpha_tag():
     assert layout.alpha_tag(0.1) == "alpha=0.1" and layout.alpha_tag(0.03) == "alpha=0.03"
     assert layout.selection(Path("r"), "gsm8k", 0.5) == Path("r/selection/gsm8k/alpha=0.5.json")
-    assert layout.attribution(Path("r"), "base", "math", 0.1) == Path("r/attribution/base/math/alpha=0.1.npz")
+    assert layout.attribution(Path("r"), "base", "math", 0.1) == Path("r/attribution/nll/base/math/alpha=0.1.npz")
+    assert layout.attribution(Path("r"), "tuned", "math", 0.1, "base", "logit") == Path(
+        "r/attribution/logit/tuned-on-base/math/alpha=0.1.npz")
+    assert layout.parse_view("tuned-on-base") == ("tuned", "base") and layout.parse_view("base") == ("base", "base")
+    assert layout.parse_view("x-on-base") is None
 
 
 def test_vllm_backend_without_vllm_is_a_clear_error(pair, world, tmp_path):

@@ -18,6 +18,7 @@ from tiny import float64_rtol, tiny_model, tiny_samples
 from circuitdiff.attribute import attribute
 from circuitdiff.cli import main
 from circuitdiff.errors import UserError
+from circuitdiff.store import layout
 from circuitdiff.engine import EdgeEditor, exact_edge_effects
 from circuitdiff.graph import Edge, all_edges, parse_edge
 from circuitdiff.validate import Validation, agreement, topk_overlap, validate
@@ -177,8 +178,8 @@ def test_cli_run_dir_mode_reads_the_selection(tmp_path, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "Spearman" in out and "zero-ablation" in out and "granularity=block" in out
-    data = json.loads((run / "validation" / "base" / "gsm8k" / "alpha=0.1.json").read_text())
-    assert (run / "validation" / "base" / "gsm8k" / "alpha=0.1.png").exists()
+    data = json.loads(layout.validation(run, "base", "gsm8k", 0.1).read_text())
+    assert layout.validation_figure(layout.validation(run, "base", "gsm8k", 0.1)).exists()
     assert data["meta"]["idx"] == [2, 0] and data["n_samples"] == 2 and data["n_edges"] == 28
     # the clean losses are those of the selected questions (idx 2 then 0), cut at T_cut = 2
     samples = [{"prompt_ids": rows[i]["prompt_ids"], "answer_ids": rows[i]["answer_ids"], "cut_len": 2} for i in (2, 0)]

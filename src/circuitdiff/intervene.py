@@ -13,9 +13,10 @@ Conditions, all on the same questions (paired):
 - ``targeted``: the chosen edges scaled by c;
 - ``random``: ``n_random`` draws of k real edges (uniform, without replacement, excluding
   the targeted edges, seeded), each scaled by c.
-Measures per question: the loss (mean NLL of the model's own greedy answer tokens
-answer_ids[:cut_len] given the prompt, as in attribution) and correctness of a fresh greedy
-answer generated with the intervention active (graded with circuitdiff.grade).
+Measures per question: the objective on the model's own greedy answer tokens answer_ids[:cut_len]
+given the prompt, as in attribution (`objective`: the mean NLL by default, or minus the mean
+centred logit), and correctness of a fresh greedy answer generated with the intervention active
+(graded with circuitdiff.grade).
 Effects are differences to ``none`` with 95% paired-bootstrap CIs over questions (the same
 resampled questions for every condition); the random control is the mean over its draws
 per question, and ``targeted - random`` is paired the same way. The CIs cover question
@@ -32,6 +33,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from circuitdiff import io
+from circuitdiff.choices import OBJECTIVES, check_choice
 from circuitdiff.errors import UserError
 from circuitdiff.graph import Edge, Graph, all_edges, as_edge, edge_index
 
@@ -39,7 +41,8 @@ INTERVENTION_CONVENTION = (
     "edge u->d scaled by factor c: d receives x_d - (1-c)*O_u, O_u = u's output in the same (intervened) forward "
     "pass; c=0 removes the edge, c=1 changes nothing; applied at every position and every generation step"
 )
-LOSS_CONVENTION = "per question: mean NLL of the model's own greedy answer answer_ids[:cut_len] given the prompt"
+def loss_convention(objective: str = "nll") -> str:
+    return f"per question, on the model's own greedy answer: {OBJECTIVES[objective]} (objective {objective})"
 ACCURACY_CONVENTION = ("per question: a fresh greedy answer generated with the intervention active, graded with "
                        "circuitdiff.grade (an answer cut at the token cap without a \\boxed{} answer is wrong)")
 GROWTH_CONVENTION = "top-grown: largest absolute growth mean|W_tuned| - mean|W_base| (mean over samples), real edges only"
@@ -149,7 +152,7 @@ class Intervention:
             "per_question": {"loss": self.loss, "correct": self.correct},
             "conventions": {
                 "intervention": INTERVENTION_CONVENTION,
-                "loss": LOSS_CONVENTION,
+                "loss": loss_convention(self.meta.get("objective", "nll")),
                 "accuracy": ACCURACY_CONVENTION,
                 "random_control": "each draw: k real edges, uniform without replacement, targeted edges excluded; "
                                   "random effect = per question mean over draws, then mean over questions",
@@ -191,6 +194,7 @@ def intervene(
     gen_batch_size: int = 16,
     loss_batch_size: int = 8,
     n_boot: int = 10000,
+    objective: str = "nll",
     progress: bool = False,
 ) -> Intervention:
     """Scale `targeted` edges by `factor` in `model` (a Hugging Face causal LM) and measure the effects.
@@ -204,6 +208,7 @@ def intervene(
     from circuitdiff.engine import EdgeEditor, generate_with_edits, losses_with_edits
     from circuitdiff.grade import grade
 
+    check_choice("objective", objective, OBJECTIVES)
     editor = EdgeEditor(model, granularity)
     targeted = [as_edge(e, editor.graph) for e in targeted]
     if not targeted:
@@ -229,7 +234,7 @@ def intervene(
     try:
         if loss_samples:
             t0 = time.perf_counter()
-            loss = {name: losses_with_edits(model, editor, loss_samples, edits, loss_batch_size)
+            loss = {name: losses_with_edits(model, editor, loss_samples, edits, loss_batch_size, objective)
                     for name, edits in tqdm(conditions.items(), desc="loss", disable=not progress)}
             timings["seconds_loss"] = round(time.perf_counter() - t0, 3)
         if questions:
@@ -263,6 +268,7 @@ def intervene(
                 "random": [table[f"random{j}"].tolist() for j in range(len(random))]}
 
     meta = {"n_loss_samples": len(loss_samples or []), "n_questions": len(questions or []), "seed": seed,
+            "objective": objective,
             "max_new_tokens": max_new_tokens, "model_type": model.config.model_type,
             "model_dtype": str(next(model.parameters()).dtype).replace("torch.", ""), **timings}
     result = Intervention(targeted, random, float(factor), granularity, lists(loss), lists(correct), effects, meta)

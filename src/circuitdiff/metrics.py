@@ -9,7 +9,9 @@ count is chosen by ``entries``:
 - ``edges``: only the entries where edge_mask is True.
 
 ``select_entries`` turns W into ``X [n_samples, n_entries]``; the metrics take X, so
-every metric is available per sample (for resampling) and pooled.
+every metric is available per sample (for resampling) and pooled. ``scaled`` puts X on a
+scale (choices.SCALES): ``raw`` (the paper's) or ``unit`` (each sample divided by its own
+mean |X|: what is left is the shape of the sample's distribution, not its size).
 
 Histogram conventions (Information Complexity, per-node output entropy) live in
 ``HistogramSpec``: number of equal-width bins, range, log base and eps. Values
@@ -28,6 +30,10 @@ ENTRIES = ("all", "edges")
 LOG_BASES = {"e": math.e, "2": 2.0, "10": 10.0}
 
 METRICS = ("activation_intensity", "information_complexity", "distribution_kurtosis", "diversity")
+SCALED_METRICS = {  # the metrics reported on each scale (unit intensity is 1 by construction)
+    "unit": ("information_complexity", "distribution_kurtosis", "diversity"),
+    "raw": METRICS,
+}
 METRIC_LABELS = {
     "activation_intensity": "Act. Intens.",
     "information_complexity": "Info. Complex.",
@@ -67,6 +73,16 @@ def select_entries(W: np.ndarray, edge_mask: np.ndarray, entries: str) -> np.nda
     if entries == "all":
         return W.reshape(W.shape[0], -1)
     return W[:, edge_mask.astype(bool)]
+
+
+def scaled(X: np.ndarray, scale: str) -> np.ndarray:
+    """X on `scale`: "raw" as is; "unit": each row divided by its own mean |X| (a zero row stays 0)."""
+    if scale == "raw":
+        return X
+    if scale != "unit":
+        raise ValueError(f"scale {scale!r} is unknown; use raw or unit")
+    size = np.abs(X).mean(axis=1, keepdims=True)
+    return np.divide(X, size, out=np.zeros_like(X), where=size > 0)
 
 
 # ------------------------------------------------------- Activation Intensity

@@ -146,7 +146,7 @@ def write_manifest(ctx: RunContext) -> None:
             "grading": GRADING_CONVENTIONS,
             "selection": {**SELECTION_CONVENTIONS, **cfg.selection.model_dump(), "n_samples": cfg.n_samples,
                           "alphas": cfg.alphas},
-            "attribution": attribution_conventions(cfg.granularity),
+            "attribution": attribution_conventions(cfg.granularity, cfg.objective, cfg.text),
         },
     })
     data.setdefault("started", time.strftime("%Y-%m-%dT%H:%M:%S%z"))

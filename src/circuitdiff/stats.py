@@ -159,15 +159,19 @@ class MeanStatistic:
 class PooledEntropyStatistic:
     """Information Complexity: entropy of the histogram of all samples pooled.
 
-    Each sample's histogram counts H_k [bins] (same bins for both models) are computed once;
-    a resample's pooled histogram is sum_k w_k H_k, i.e. exactly the histogram of the
-    concatenated |W| of the resampled questions (duplicates counted as often as drawn).
+    Each sample's histogram counts H_k [bins] are computed once; a resample's pooled histogram
+    is sum_k w_k H_k, i.e. exactly the histogram of the concatenated |W| of the resampled
+    questions (duplicates counted as often as drawn). `exchangeable` False (each model binned on
+    its own range): a swapped matrix would need the other model's bins, so the permutation test
+    is not defined and gives NaN; the bootstrap keeps the bins of the full data.
     """
 
-    def __init__(self, counts_base: np.ndarray, counts_tuned: np.ndarray, log_base: str, eps: float):
+    def __init__(self, counts_base: np.ndarray, counts_tuned: np.ndarray, log_base: str, eps: float,
+                 exchangeable: bool = True):
         self.Hb, self.Ht = np.asarray(counts_base, np.float64), np.asarray(counts_tuned, np.float64)
         self.n = len(self.Hb)
         self.log_base, self.eps = log_base, eps
+        self.exchangeable = exchangeable
         self.per_sample = None
 
     def _H(self, counts: np.ndarray) -> np.ndarray:
@@ -177,6 +181,9 @@ class PooledEntropyStatistic:
         return self._H(weights @ self.Hb), self._H(weights @ self.Ht)
 
     def flipped(self, flips: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if not self.exchangeable:
+            nan = np.full(len(flips), np.nan)
+            return nan, nan
         S = flips.astype(np.float64)
         return self._H(S @ self.Ht + (1 - S) @ self.Hb), self._H(S @ self.Hb + (1 - S) @ self.Ht)
 

@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from circuitdiff import io
+from circuitdiff.choices import OBJECTIVES, check_choice
 from circuitdiff.errors import UserError
 from circuitdiff.graph import Edge, Graph, all_edges, as_edge, edge_index, parse_node
 
@@ -25,7 +26,9 @@ ABLATION_CONVENTION = (
     "zero ablation of one edge u->d: d receives x_d - O_u (O_u = u's clean output, all positions), "
     "every other node unchanged; dL = L(edge removed) - L(clean)"
 )
-LOSS_CONVENTION = "per sample: mean NLL of answer_ids[:cut_len] given the prompt (the engine's answer_loss)"
+def loss_convention(objective: str = "nll") -> str:
+    """The L of dL and of W: the attribution's objective, per sample."""
+    return f"per sample: {OBJECTIVES[objective]} (the engine's answer_loss, objective {objective})"
 EAP_CONVENTION = "EAP W[d,u] = -<dL/dx_d, O_u> summed over positions and hidden dims; W > 0: removing the edge raises the loss"
 DEFAULT_SIGN_THRESHOLD = 1e-5
 
@@ -103,7 +106,8 @@ class Validation:
             "n_samples": int(self.dL.shape[0]),
             "n_edges": len(self.edges),
             "clean_loss": self.clean_loss.tolist(),
-            "conventions": conventions(self.summary.get("sign_threshold", DEFAULT_SIGN_THRESHOLD)),
+            "conventions": conventions(self.summary.get("sign_threshold", DEFAULT_SIGN_THRESHOLD),
+                                       self.meta.get("objective", "nll")),
             "meta": self.meta,
             "edges": [
                 {"edge": e.name, "src": e.src, "dst": e.dst, "dL_mean": float(dL_mean[i]), "W_mean": float(W_mean[i]),
@@ -131,10 +135,10 @@ class Validation:
         return json_path, png_path
 
 
-def conventions(sign_threshold: float = DEFAULT_SIGN_THRESHOLD) -> dict:
+def conventions(sign_threshold: float = DEFAULT_SIGN_THRESHOLD, objective: str = "nll") -> dict:
     return {
         "ablation": ABLATION_CONVENTION,
-        "loss": LOSS_CONVENTION,
+        "loss": loss_convention(objective),
         "eap": EAP_CONVENTION,
         "correlations": "Spearman and Pearson over the chosen edges of the sample-mean dL and sample-mean W "
                         "(*_pooled: over every (sample, edge) pair; *_per_sample: over edges, one value per sample)",
@@ -170,6 +174,7 @@ def validate(
     dtype: str = "float32",
     device: str = "cpu",
     sign_threshold: float = DEFAULT_SIGN_THRESHOLD,
+    objective: str = "nll",
     progress: bool = False,
 ) -> Validation:
     """Exact ablation dL and EAP W for the chosen edges on `samples`, and their agreement.
@@ -183,6 +188,7 @@ def validate(
     from circuitdiff.models import LoadedModel, resolve_model
     from circuitdiff.samples import as_samples
 
+    check_choice("objective", objective, OBJECTIVES)
     samples = as_samples(samples)
     spec, model, hf = resolve_model(model, dtype, device)
     nodes = ModelNodes(hf, granularity)
@@ -196,13 +202,14 @@ def validate(
         raise UserError("no edges to validate")
 
     t0 = time.perf_counter()
-    attr = attribute(hf, samples, granularity=granularity, batch_size=1)
+    attr = attribute(hf, samples, granularity=granularity, batch_size=1, objective=objective)
     t_eap = time.perf_counter() - t0
     g = nodes.graph
     rows, cols = edge_index(edges, g)
     W = attr.scores[:, rows, cols].astype(np.float64)
     t0 = time.perf_counter()
-    dL, clean = exact_edge_effects(hf, samples, edges, granularity=granularity, batch_size=batch_size, progress=progress)
+    dL, clean = exact_edge_effects(hf, samples, edges, granularity=granularity, batch_size=batch_size,
+                                   objective=objective, progress=progress)
     t_exact = time.perf_counter() - t0
 
     summary = summarize(W, dL, sign_threshold, how)
@@ -218,6 +225,7 @@ def validate(
         "seconds_exact": round(t_exact, 3),
         "seconds_eap": round(t_eap, 3),
         "seed": seed,
+        "objective": objective,
         "sample_lengths": [len(s["prompt_ids"]) + s["cut_len"] for s in samples],
         "cut_len": [s["cut_len"] for s in samples],
     }
@@ -291,7 +299,8 @@ def summary_line(result: Validation) -> str:
         f"top-{s['top5pct_k']} (5%) overlap {s['top5pct_overlap']:.2f}; pooled over (sample, edge): Spearman "
         f"{s['spearman_pooled']:.4f}, Pearson {s['pearson_pooled']:.4f}, sign agreement {s['sign_agreement_pooled']:.4f}; "
         f"per sample: Spearman {_listed(s['spearman_per_sample'])}, sign agreement "
-        f"{_listed(s['sign_agreement_per_sample'])} (loss: mean NLL of answer_ids[:cut_len]; "
+        f"{_listed(s['sign_agreement_per_sample'])} (objective {result.meta.get('objective', 'nll')}: "
+        f"{OBJECTIVES[result.meta.get('objective', 'nll')]}; "
         f"exact {result.meta['seconds_exact']:.1f} s, EAP {result.meta['seconds_eap']:.1f} s)"
     )
 

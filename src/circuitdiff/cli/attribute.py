@@ -14,6 +14,7 @@ def register(subparsers) -> None:
     options.add_model(p)
     p.add_argument("--samples", required=True, help=options.SAMPLES_HELP)
     options.add_granularity(p)
+    options.add_objective(p)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute each layer in backward (less memory)")
     p.add_argument("--out", required=True, help="output W.npz")
@@ -26,13 +27,13 @@ def run(args) -> int:
 
     import numpy as np
 
-    from circuitdiff.attribute import LOSS_CONVENTION, attribute
+    from circuitdiff.attribute import attribute, loss_convention
 
     out = Path(args.out)
     work = out.with_name(out.name + ".parts")
     result = attribute(args.model, args.samples, granularity=args.granularity, batch_size=args.batch_size,
                        dtype=args.dtype, device=args.device, gradient_checkpointing=args.gradient_checkpointing,
-                       work_dir=work, progress=True)
+                       objective=args.objective, work_dir=work, progress=True)
     result.save(out)
     shutil.rmtree(work, ignore_errors=True)
     n, n_dst, n_src = result.scores.shape
@@ -40,7 +41,7 @@ def run(args) -> int:
     print(
         f"wrote {out}: {n} samples x {n_dst} destinations x {n_src} sources "
         f"(granularity={result.granularity}, {int(result.edge_mask.sum())} edges); "
-        f"mean |W| over all {n_dst}x{n_src} entries = {mean_abs:.4g}; mean loss = {float(result.loss.mean()):.4f} "
-        f"(loss: {LOSS_CONVENTION})"
+        f"mean |W| over all {n_dst}x{n_src} entries = {mean_abs:.4g}; mean objective = {float(result.loss.mean()):.4f} "
+        f"(objective {args.objective}: {loss_convention(args.objective)})"
     )
     return 0

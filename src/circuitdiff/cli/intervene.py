@@ -16,6 +16,7 @@ def register(subparsers) -> None:
     p.add_argument("--edges", default="top-grown",
                    help="top-grown (largest mean|W_tuned| - mean|W_base|), top (largest mean|W| of the role), "
                         "or a comma list 'u->d,...'")
+    options.add_objective(p)
     p.add_argument("--k", type=int, default=10, help="number of edges for top/top-grown (default 10)")
     p.add_argument("--factor", type=float, default=0.0, help="scale factor c (0 = remove, 1 = unchanged; default 0)")
     p.add_argument("--n-random", type=int, default=5, help="random control draws of k edges (default 5)")
@@ -38,7 +39,8 @@ def run(args) -> int:
     from circuitdiff.store.artifacts import read_manifest
 
     settings = options.settings_from(
-        InterventionConfig, "intervene", role=args.role, edges=args.edges, k=args.k, factor=args.factor,
+        InterventionConfig, "intervene", role=args.role, edges=args.edges, objective=args.objective, k=args.k,
+        factor=args.factor,
         n_random=args.n_random, n_questions=args.n_questions, max_new_tokens=args.max_new_tokens,
         accuracy=not args.no_accuracy, seed=args.seed, gen_batch_size=args.gen_batch_size)
     out = layout.intervention_out(args.out, label(settings)) if args.out else None

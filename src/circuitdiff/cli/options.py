@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
-from circuitdiff.dtypes import DTYPE_NAMES
+from circuitdiff.choices import DTYPE_NAMES, OBJECTIVES
 from circuitdiff.errors import UserError
 from circuitdiff.graph import GRANULARITIES
 from circuitdiff.store.layout import ROLES
@@ -27,6 +27,12 @@ def add_dtype_device(p, dtype_default: str | None = "float32", device_default: s
 
 def add_granularity(p) -> None:
     p.add_argument("--granularity", choices=GRANULARITIES, default="block")
+
+
+def add_objective(p) -> None:
+    p.add_argument("--objective", choices=list(OBJECTIVES), default="nll",
+                   help="nll: mean NLL of the answer tokens (the paper's; saturates as the model grows sure); logit: "
+                        "minus the mean centred logit of the answer tokens (linear in the final norm's output)")
 
 
 def add_run_target(p, run_required: bool = False, role_default: str = "tuned") -> None:

@@ -15,8 +15,13 @@ def register(subparsers) -> None:
     p.add_argument("--entries", default="all,edges",
                    help="comma list of 'all' (dense n_dst x n_src, paper-compatible) and 'edges' (real edges only); "
                         "the first drives the figures (default all,edges)")  # fmt: skip
+    p.add_argument("--scales", default="unit,raw",
+                   help="comma list of 'unit' (each sample's W divided by its own mean |W|: scale-free) and 'raw' (the "
+                        "paper's); the order of the table columns (default unit,raw)")
     p.add_argument("--bins", type=int, default=100, help="histogram bins for Information Complexity (default 100)")
-    p.add_argument("--range", default="shared", help="histogram range: 'shared' = [0, max|W| of base and tuned] per pair (default) or LO:HI")
+    p.add_argument("--range", default="shared",
+                   help="histogram range: 'shared' = [0, max|W| of base and tuned] per pair and scale (default), 'own' = "
+                        "each model's own [0, max|W|], or LO:HI (raw scale)")
     p.add_argument("--log-base", choices=["e", "2", "10"], default="e", help="entropy log base (default e)")
     p.add_argument("--eps", type=float, default=1e-12, help="entropy: -sum p log(p + eps) (default 1e-12)")
     p.add_argument("--n-boot", type=int, default=10000, help="bootstrap resamples (default 10000)")
@@ -36,6 +41,7 @@ def run(args) -> int:
     try:
         settings = Settings(
             entries=tuple(e.strip() for e in args.entries.split(",") if e.strip()),
+            scales=tuple(e.strip() for e in args.scales.split(",") if e.strip()),
             bins=args.bins,
             range=parse_range(args.range),
             log_base=args.log_base,
@@ -53,7 +59,8 @@ def run(args) -> int:
         print(f"circuitdiff: skipped {dataset} alpha={alpha}: {why}", file=sys.stderr)
     print(
         f"wrote {ctx.out_dir}/report.html (+ metrics.csv, table.md, table.tex, figures) for "
-        f"{len(ctx.results)} (dataset, alpha) pairs; entries={','.join(settings.entries)}, bins={settings.bins}, "
+        f"{len(ctx.results)} comparisons (dataset, alpha, objective, text); entries={','.join(settings.entries)}, "
+        f"scales={','.join(settings.scales)}, bins={settings.bins}, "
         f"range={settings.range_label}, log base={settings.log_base}, n_boot={settings.n_boot}, seed={settings.seed}"
     )
     return 0

@@ -20,6 +20,7 @@ def register(subparsers) -> None:
     options.add_run_target(p)
     p.add_argument("--n-samples", type=int, default=4, help="with --run: the first N selected samples (default 4)")
     options.add_granularity(p)
+    options.add_objective(p)
     p.add_argument("--max-edges", type=int, default=-1,
                    help="validate a seeded random subset of N edges (default: all edges at block, 300 at qkv/head)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random edge subset (default 0)")
@@ -46,6 +47,7 @@ def run(args) -> int:
             raise UserError("give either --run or --model/--samples, not both")
         settings = options.settings_from(
             ValidationConfig, "validate", roles=[args.role], n_samples=args.n_samples, granularity=args.granularity,
+            objective=args.objective,
             max_edges=args.max_edges, seed=args.seed, sign_threshold=args.sign_threshold, batch_size=args.batch_size)
         out = layout.validation_out(args.out)[0] if args.out else None
         validate_one(args.run, args.role, args.dataset, args.alpha, settings, dtype=args.dtype, device=args.device,
@@ -57,7 +59,7 @@ def run(args) -> int:
         raise UserError("give --model, --samples and --out (or --run RUN_DIR --dataset D --alpha A)")
     result = validate(args.model, args.samples, granularity=args.granularity, max_edges=args.max_edges, seed=args.seed,
                       batch_size=args.batch_size, dtype=args.dtype or "float32", device=args.device,
-                      sign_threshold=args.sign_threshold, progress=True)
+                      sign_threshold=args.sign_threshold, objective=args.objective, progress=True)
     result.meta.update({"samples": args.samples})
     json_path, png_path = layout.validation_out(args.out)
     result.save(json_path, png_path)

@@ -16,9 +16,9 @@ from circuitdiff.engine.attributor import EdgeAttributor
 from circuitdiff.engine.batch import Batch, input_device, make_batch, pad_id_of
 from circuitdiff.engine.editor import EdgeEditor
 from circuitdiff.engine.nodes import ModelNodes
-from circuitdiff.engine.objectives import OBJECTIVES, answer_loss, score_dtype_for
+from circuitdiff.engine.objectives import OBJECTIVES, answer_loss, check_objective, score_dtype_for
 
 __all__ = [
-    "OBJECTIVES", "Batch", "EdgeAttributor", "EdgeEditor", "ModelNodes", "answer_loss", "exact_edge_effects",
+    "OBJECTIVES", "Batch", "check_objective", "EdgeAttributor", "EdgeEditor", "ModelNodes", "answer_loss", "exact_edge_effects",
     "generate_with_edits", "input_device", "losses_with_edits", "make_batch", "pad_id_of", "score_dtype_for",
 ]  # fmt: skip

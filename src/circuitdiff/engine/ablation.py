@@ -26,14 +26,15 @@ import torch
 
 from circuitdiff.engine.batch import input_device, make_batch, pad_id_of
 from circuitdiff.engine.editor import EdgeEditor
-from circuitdiff.engine.objectives import answer_loss
+from circuitdiff.engine.objectives import answer_loss, check_objective
 from circuitdiff.errors import UserError
 from circuitdiff.graph import Edge, dst_layer, parse_edge
 
 
 @torch.no_grad()
-def losses_with_edits(model, editor: EdgeEditor, samples: list[dict], edits, batch_size: int = 8) -> np.ndarray:
-    """Per-sample answer loss [n_samples] (float64) with `edits` [(edge, coefficient)] active, sources live."""
+def losses_with_edits(model, editor: EdgeEditor, samples: list[dict], edits, batch_size: int = 8,
+                      objective: str = "nll") -> np.ndarray:
+    """Per-sample objective [n_samples] (float64) with `edits` [(edge, coefficient)] active, sources live."""
     device, pad_id = input_device(model), pad_id_of(model)
     out = np.zeros(len(samples))
     for start in range(0, len(samples), batch_size):
@@ -41,7 +42,8 @@ def losses_with_edits(model, editor: EdgeEditor, samples: list[dict], edits, bat
         with editor.edits(edits):
             hidden = editor.nodes.backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                            use_cache=False).last_hidden_state
-            out[start : start + batch_size] = answer_loss(model, editor.adapter, hidden, batch).double().cpu().numpy()
+            out[start : start + batch_size] = answer_loss(model, editor.adapter, hidden, batch,
+                                                          objective).double().cpu().numpy()
     return out
 
 
@@ -75,9 +77,10 @@ def exact_edge_effects(
     granularity: str = "block",
     scale: float = 1.0,
     batch_size: int = 32,
+    objective: str = "nll",
     progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(dL [n_samples, n_edges], clean loss [n_samples]), float64 numpy.
+    """(dL [n_samples, n_edges], clean objective [n_samples]), float64 numpy (`objective`: engine/objectives.py).
 
     dL[k, e] = L_k(edge e scaled) - L_k(clean): destination d receives x_d - scale * O_u
     (scale=1: the edge is removed; scale=eps: a small ablation for finite differences).
@@ -85,6 +88,7 @@ def exact_edge_effects(
     """
     if batch_size < 2:
         raise UserError(f"batch size {batch_size} must be >= 2 (one clean row plus at least one edge)")
+    check_objective(objective)
     editor = EdgeEditor(model, granularity)
     graph = editor.graph
     for edge in edges:
@@ -114,7 +118,7 @@ def exact_edge_effects(
             try:
                 batch = make_batch([sample], pad_id, device)
                 out = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-                clean[k] = float(answer_loss(model, editor.adapter, out.last_hidden_state, batch)[0])
+                clean[k] = float(answer_loss(model, editor.adapter, out.last_hidden_state, batch, objective)[0])
             finally:
                 for handle in handles:
                     handle.remove()
@@ -131,7 +135,8 @@ def exact_edge_effects(
                 batch = make_batch([sample] * n_rows, pad_id, device)
                 with editor.edits(coefs, sources), _replay_layers(editor.layers, layer_out, start, n_rows):
                     out = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-                    loss = answer_loss(model, editor.adapter, out.last_hidden_state, batch).double().cpu().numpy()
+                    loss = answer_loss(model, editor.adapter, out.last_hidden_state, batch,
+                                       objective).double().cpu().numpy()
                 dL[k, chunk] = loss[1:] - loss[0]
                 bar.update(1)
             del sources, layer_out

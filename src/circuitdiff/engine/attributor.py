@@ -32,7 +32,7 @@ import torch.utils.checkpoint
 
 from circuitdiff.engine.batch import Batch
 from circuitdiff.engine.nodes import DestGroup, ModelNodes, SourceGroup, first_tensor
-from circuitdiff.engine.objectives import answer_loss, score_dtype_for
+from circuitdiff.engine.objectives import answer_loss, check_objective, score_dtype_for
 
 
 @dataclass
@@ -49,8 +49,10 @@ class _Pass:
 class EdgeAttributor:
     """Installs the hooks for one model and granularity; `scores(batch)` runs one forward+backward."""
 
-    def __init__(self, model: torch.nn.Module, granularity: str = "block", gradient_checkpointing: bool = False):
+    def __init__(self, model: torch.nn.Module, granularity: str = "block", gradient_checkpointing: bool = False,
+                 objective: str = "nll"):
         self.model = model
+        self.objective = check_objective(objective)
         self.nodes = ModelNodes(model, granularity)
         self.adapter, self.shape, self.graph = self.nodes.adapter, self.nodes.shape, self.nodes.graph
         self.gradient_checkpointing = gradient_checkpointing
@@ -60,10 +62,10 @@ class EdgeAttributor:
 
     # ------------------------------------------------------------------ run
     def scores(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W [batch, n_dst, n_src] on CPU in the score dtype, loss [batch]) for one batch."""
+        """(W [batch, n_dst, n_src] on CPU in the score dtype, objective [batch]) for one batch."""
         with self.hooked(batch) as state:
             out = self.nodes.backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-            loss = answer_loss(self.model, self.adapter, out.last_hidden_state, batch)
+            loss = answer_loss(self.model, self.adapter, out.last_hidden_state, batch, self.objective)
             torch.autograd.grad(loss.sum(), state.leaf)
         return state.W.cpu(), loss.detach().cpu()
 

@@ -215,13 +215,13 @@ def _metrics(run: Path, s: TrackSettings) -> dict:
         results, _, _ = analyse_run(run, settings)
     except UserError as err:
         return {"metrics": None, "note": f"no metrics: {err}"}
-    (res,) = [r for r in results if math.isclose(r.alpha_value, s.alpha)]
+    (res,) = [r for r in results if math.isclose(r.alpha_value, s.alpha) and (r.objective, r.text) == ("nll", "own")]
     metrics = {}
     for metric in TRACK_METRICS:
-        c = res.comparisons[(s.entries, metric)]
+        c = res.comparisons[(s.entries, "raw", metric)]
         metrics[metric] = {"base": c.base, "tuned": c.tuned, "diff": c.diff, "diff_ci": list(c.diff_ci),
                            "p_perm": c.p_perm}
-    lo, hi = res.ranges[s.entries]
+    (lo, hi), _, _ = res.ranges[(s.entries, "raw")]
     return {"metrics": metrics, "loss": res.loss_label, "n_samples": res.n_samples,
             "range": f"[{lo:.6g}, {hi:.6g}] shared by the pair", "ci_method": settings.ci_method}
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from circuitdiff.dtypes import DTYPE_NAMES
+from circuitdiff.choices import DTYPE_NAMES
 from circuitdiff.errors import UserError
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}

@@ -27,13 +27,13 @@ __all__ = [
 
 
 def analyse_run(run_dir: str | Path, settings: Settings = Settings()) -> tuple[list[PairResult], list[tuple[str, str, str]], object]:
-    """(results, skipped, index): every comparable (dataset, alpha) pair analysed, one at a time."""
+    """(results, skipped, index): every comparison (dataset, alpha, objective, text) analysed, one at a time."""
     index = index_run(run_dir)
     results, skipped = [], list(index.skipped)
     for ref in index.pairs:
         pair, problem = load_pair(ref)
         if pair is None:
-            skipped.append((ref.dataset, ref.alpha, problem))
+            skipped.append((ref.dataset, ref.alpha, f"{problem} (objective {ref.objective}, text {ref.text})"))
             continue
         results.append(analyse_pair(pair, settings))
         del pair
@@ -48,7 +48,7 @@ def node_entropy_rows(results: list[PairResult], settings: Settings) -> list[dic
     for r in results:
         for name, c in zip(r.node_entropy.src_names, r.node_entropy.comparisons):
             rows.append({
-                "dataset": r.dataset, "alpha": r.alpha, "node": name,
+                "dataset": r.dataset, "alpha": r.alpha, "objective": r.objective, "text": r.text, "node": name,
                 "base": c.base, "base_ci_low": c.base_ci[0], "base_ci_high": c.base_ci[1],
                 "tuned": c.tuned, "tuned_ci_low": c.tuned_ci[0], "tuned_ci_high": c.tuned_ci[1],
                 "diff": c.diff, "diff_ci_low": c.diff_ci[0], "diff_ci_high": c.diff_ci[1], "p_perm": c.p_perm,
@@ -58,20 +58,23 @@ def node_entropy_rows(results: list[PairResult], settings: Settings) -> list[dic
     return rows
 
 
-def edge_change_rows(results: list[PairResult]) -> list[dict]:
+def edge_change_rows(results: list[PairResult], settings: Settings) -> list[dict]:
     rows = []
     for r in results:
-        rel = r.rel_change
-        for i, dst in enumerate(r.group_dst):
-            for j, src in enumerate(r.group_src):
-                if r.group_mask[i, j]:
-                    rows.append({
-                        "dataset": r.dataset, "alpha": r.alpha, "dst": dst, "src": src,
-                        "mean_abs_base": r.mean_abs_base[i, j], "mean_abs_tuned": r.mean_abs_tuned[i, j],
-                        "rel_change": rel[i, j], "granularity": r.granularity,
-                        "aggregation": "heads summed" if r.aggregated else "none",
-                        "n_samples": r.n_samples, "loss": r.loss_label,
-                    })  # fmt: skip
+        for scale in settings.scales:
+            rel, Ab, At = r.rel_change(scale), r.mean_abs_base[scale], r.mean_abs_tuned[scale]
+            for i, dst in enumerate(r.group_dst):
+                for j, src in enumerate(r.group_src):
+                    if r.group_mask[i, j]:
+                        rows.append({
+                            "dataset": r.dataset, "alpha": r.alpha, "objective": r.objective, "text": r.text,
+                            "scale": scale, "dst": dst, "src": src,
+                            "mean_abs_base": Ab[i, j], "mean_abs_tuned": At[i, j],
+                            "rel_change": rel[i, j], "granularity": r.granularity,
+                            "aggregation": "heads summed" if r.aggregated else "none",
+                            "entries_for_unit": settings.entries[0] if scale == "unit" else "",
+                            "n_samples": r.n_samples, "loss": r.loss_label,
+                        })  # fmt: skip
     return rows
 
 
@@ -98,7 +101,7 @@ def build(run_dir, settings: Settings = Settings(), out_dir=None, builders=None)
     io.write_text(layout.report_file(out, "metrics"), tables.to_csv(tables.csv_rows(results, settings)))
     ne = node_entropy_rows(results, settings)
     io.write_text(layout.report_file(out, "node_entropy"), tables.to_csv(ne, list(ne[0])))
-    ec = edge_change_rows(results)
+    ec = edge_change_rows(results, settings)
     if ec:
         io.write_text(layout.report_file(out, "edge_change"), tables.to_csv(ec, list(ec[0])))
     acc = accuracy_rows(run_dir, seed=settings.seed)
@@ -119,14 +122,14 @@ def build(run_dir, settings: Settings = Settings(), out_dir=None, builders=None)
     return ctx
 
 
-def parse_range(text: str) -> tuple[float, float] | None:
-    """The histogram range option: 'shared' (None) or LO:HI."""
-    if text == "shared":
-        return None
+def parse_range(text: str) -> str | tuple[float, float]:
+    """The histogram range option: 'shared', 'own' or LO:HI."""
+    if text in ("shared", "own"):
+        return text
     try:
         lo, hi = (float(x) for x in text.split(":"))
     except ValueError:
-        raise UserError(f"--range {text!r} is not 'shared' or LO:HI (e.g. 0:0.01)") from None
+        raise UserError(f"--range {text!r} is not 'shared', 'own' or LO:HI (e.g. 0:0.01)") from None
     if not hi > lo:
         raise UserError(f"--range {text!r}: HI must be larger than LO")
     return (lo, hi)

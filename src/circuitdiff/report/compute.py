@@ -1,8 +1,11 @@
-"""Everything the report shows about one (dataset, alpha) pair, computed once from the two W files.
+"""Everything the report shows about one comparison, computed once from its two W files.
 
-`analyse_pair` keeps only small summaries (metric comparisons, aggregated mean |W|,
-per-node entropies, the correlation matrices of the primary `entries` mode), so the W
-matrices of one pair can be dropped before the next is read.
+A comparison is (dataset, alpha, objective, text): base and tuned scored with one objective,
+each on its own answers (text "own") or both on the same model's answers (text "base" /
+"tuned"). `analyse_pair` keeps only small summaries (metric comparisons per entries mode and
+scale, aggregated mean |W|, per-node entropies, the loss and its relation to intensity, the
+correlation matrices of the primary entries mode), so the W matrices can be dropped before the
+next comparison is read.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import numpy as np
 
 from circuitdiff import metrics as M
 from circuitdiff import stats as S
+from circuitdiff.choices import RANGES, SCALES
 from circuitdiff.graph import parse_node
 from circuitdiff.report.pairs import PairData
 
@@ -22,8 +26,9 @@ class Settings:
     """The report's conventions; every output names them."""
 
     entries: tuple[str, ...] = ("all", "edges")  # the first is the primary mode (figures)
+    scales: tuple[str, ...] = ("unit", "raw")  # unit first: the shape metrics are read there first
     bins: int = 100
-    range: tuple[float, float] | None = None  # None: shared [0, max |W| over base and tuned] per pair and mode
+    range: str | tuple[float, float] = "shared"  # "shared", "own", or a fixed (lo, hi) on the raw scale
     log_base: str = "e"
     eps: float = 1e-12
     n_boot: int = 10000
@@ -36,20 +41,35 @@ class Settings:
     def __post_init__(self) -> None:
         if not self.entries or any(e not in M.ENTRIES for e in self.entries):
             raise ValueError(f"entries {self.entries} must be a non-empty list of {', '.join(M.ENTRIES)}")
+        if not self.scales or any(s not in SCALES for s in self.scales):
+            raise ValueError(f"scales {self.scales} must be a non-empty list of {', '.join(SCALES)}")
         if self.n_boot < 100 or self.n_perm < 100:
             raise ValueError(f"n_boot={self.n_boot} and n_perm={self.n_perm} must be at least 100")
         if self.ci not in S.CI_METHODS:
             raise ValueError(f"ci {self.ci!r} is unknown; use one of {', '.join(S.CI_METHODS)}")
         if not 0 < self.level < 1:
             raise ValueError(f"level={self.level} must be in (0, 1)")
-        M.HistogramSpec(self.bins, self.range, self.log_base, self.eps)  # validates
+        if isinstance(self.range, str):
+            if self.range not in RANGES:
+                raise ValueError(f"range {self.range!r} is unknown; use shared, own or LO:HI")
+        elif not (len(self.range) == 2 and self.range[1] > self.range[0]):
+            raise ValueError(f"range {self.range} must be (lo, hi) with hi > lo")
+        M.HistogramSpec(self.bins, None, self.log_base, self.eps)  # validates
 
     def spec(self) -> M.HistogramSpec:
-        return M.HistogramSpec(self.bins, self.range, self.log_base, self.eps)
+        return M.HistogramSpec(self.bins, None, self.log_base, self.eps)
+
+    def range_mode(self, scale: str) -> str:
+        """shared, own or fixed; a fixed range is in raw units, so the unit scale uses shared bins."""
+        if isinstance(self.range, str):
+            return self.range
+        return "fixed" if scale == "raw" else "shared"
 
     @property
     def range_label(self) -> str:
-        return "shared [0, max|W| of base and tuned]" if self.range is None else f"fixed [{self.range[0]:g}, {self.range[1]:g}]"
+        if isinstance(self.range, str):
+            return f"{self.range} {RANGES[self.range]}"
+        return f"fixed [{self.range[0]:g}, {self.range[1]:g}] on the raw scale (the unit scale: shared)"
 
     @property
     def ci_method(self) -> str:
@@ -67,23 +87,26 @@ class NodeEntropy:
 class PairResult:
     dataset: str
     alpha: str
+    objective: str
+    text: str  # own | base | tuned: whose answers both models read ("own": each its own)
     granularity: str
     n_layers: int
     n_samples: int
     loss_label: str
-    loss_mean: dict[str, float]
+    loss: S.Comparison  # the per-sample objective of both models
+    loss_relation: dict  # the paired relation of the change in log intensity to the change in log loss
     models: dict[str, str]  # role -> model spec, from the W files' meta
     paired_by: str  # how base and tuned samples were matched
     selection: dict
-    comparisons: dict[tuple[str, str], S.Comparison]  # (entries, metric) -> comparison
-    ranges: dict[str, tuple[float, float]]  # entries -> histogram range used
+    comparisons: dict[tuple[str, str, str], S.Comparison]  # (entries, scale, metric) -> comparison
+    ranges: dict[tuple[str, str], tuple]  # (entries, scale) -> (base range, tuned range, mode)
     perm_exact: bool
-    # relative change, aggregated to (type, layer) nodes
+    # relative change, aggregated to (type, layer) nodes, per scale (primary entries mode)
     group_dst: list[str]
     group_src: list[str]
     group_mask: np.ndarray  # bool [n_gdst, n_gsrc]
-    mean_abs_base: np.ndarray  # [n_gdst, n_gsrc]
-    mean_abs_tuned: np.ndarray
+    mean_abs_base: dict[str, np.ndarray]  # scale -> [n_gdst, n_gsrc]
+    mean_abs_tuned: dict[str, np.ndarray]
     aggregated: bool  # True when several edges were summed into one group (head granularity)
     node_entropy: NodeEntropy
     corr_base: np.ndarray  # [n, n] sample correlation, primary entries mode
@@ -94,9 +117,8 @@ class PairResult:
     def alpha_value(self) -> float:
         return float(self.alpha)
 
-    @property
-    def rel_change(self) -> np.ndarray:
-        return M.relative_change(self.mean_abs_base, self.mean_abs_tuned, self.group_mask)
+    def rel_change(self, scale: str = "raw") -> np.ndarray:
+        return M.relative_change(self.mean_abs_base[scale], self.mean_abs_tuned[scale], self.group_mask)
 
 
 # ------------------------------------------------------------ node groups
@@ -153,6 +175,56 @@ def _t_cut(*sources: dict):
     return None
 
 
+def histogram_ranges(Xb: np.ndarray, Xt: np.ndarray, settings: Settings, scale: str) -> tuple:
+    """(base range, tuned range, mode) of the Information Complexity histograms of one pair on one scale."""
+    mode = settings.range_mode(scale)
+    if mode == "fixed":
+        return tuple(settings.range), tuple(settings.range), mode
+    if mode == "own":
+        return M.shared_range(Xb), M.shared_range(Xt), mode
+    both = M.shared_range(Xb, Xt)
+    return both, both, mode
+
+
+def unit_mean_abs(W: np.ndarray, mask: np.ndarray, entries: str) -> np.ndarray:
+    """[n_dst, n_src] mean over samples of |W| with each sample divided by its own mean |W| over `entries`."""
+    size = np.abs(M.select_entries(W, mask, entries)).mean(axis=1)
+    return np.abs(np.asarray(W, dtype=np.float64) / np.where(size > 0, size, 1.0)[:, None, None]).mean(axis=0)
+
+
+def loss_relation(intensity_base: np.ndarray, intensity_tuned: np.ndarray, loss_base: np.ndarray,
+                  loss_tuned: np.ndarray, weights: np.ndarray, level: float) -> dict:
+    """How much of the intensity change the loss change predicts, paired by question.
+
+    d_I = log(I_tuned / I_base) and d_L = log(L_tuned / L_base) per question; the OLS slope of d_I on
+    d_L (with an intercept) and mean d_I, mean d_L, each with a paired-bootstrap percentile CI.
+    Slope 1 with a zero intercept: W is proportional to the loss (the NLL gradient saturates as
+    1 - p ~ NLL), and the intensity change is the loss change. Needs positive losses (nll).
+    """
+    nan = float("nan")
+    if not (np.all(loss_base > 0) and np.all(loss_tuned > 0) and np.all(intensity_base > 0)
+            and np.all(intensity_tuned > 0)):
+        return {"defined": False, "note": "needs positive losses and intensities (the nll objective)"}
+    dI = np.log(intensity_tuned / intensity_base)
+    dL = np.log(loss_tuned / loss_base)
+
+    def fit(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Weighted means of d_I and d_L and the weighted OLS slope, for each row of w [B, n]."""
+        total = w.sum(1)
+        mI, mL = w @ dI / total, w @ dL / total
+        cov = w @ (dI * dL) / total - mI * mL
+        var = w @ (dL * dL) / total - mL * mL
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return mI, mL, np.where(var > 0, cov / var, nan)
+
+    (mI,), (mL,), (slope,) = fit(np.ones((1, len(dI))))
+    bI, bL, bS = fit(weights)
+    ci = lambda v: tuple(map(float, S.percentile_ci(v, level)))  # noqa: E731
+    return {"defined": True, "n": len(dI), "mean_dlog_intensity": float(mI), "mean_dlog_intensity_ci": ci(bI),
+            "mean_dlog_loss": float(mL), "mean_dlog_loss_ci": ci(bL), "slope": float(slope), "slope_ci": ci(bS),
+            "dlog_intensity": dI.tolist(), "dlog_loss": dL.tolist()}
+
+
 def analyse_pair(pair: PairData, settings: Settings) -> PairResult:
     b, t = pair.base, pair.tuned
     n = b.scores.shape[0]
@@ -163,27 +235,33 @@ def analyse_pair(pair: PairData, settings: Settings) -> PairResult:
     spec = settings.spec()
 
     comparisons, ranges = {}, {}
-    corr_base = corr_tuned = None
+    corr_base = corr_tuned = intensity = None
     for entries in settings.entries:
-        Xb, Xt = M.select_entries(b.scores, mask, entries), M.select_entries(t.scores, mask, entries)
-        value_range = settings.range or M.shared_range(Xb, Xt)
-        ranges[entries] = value_range
-        diversity = S.PairwiseDiversityStatistic(Xb, Xt)
-        stats = {
-            "activation_intensity": S.MeanStatistic(M.intensity_per_sample(Xb), M.intensity_per_sample(Xt)),
-            "information_complexity": S.PooledEntropyStatistic(
-                M.sample_histograms(Xb, spec, value_range), M.sample_histograms(Xt, spec, value_range), spec.log_base, spec.eps
-            ),
-            "distribution_kurtosis": S.MeanStatistic(M.kurtosis_per_sample(Xb), M.kurtosis_per_sample(Xt)),
-            "diversity": diversity,
-        }
-        for metric, stat in stats.items():
-            comparisons[(entries, metric)] = S.compare(stat, weights, flips, exact, settings.level, settings.ci)
-        if corr_base is None:
-            eye = np.eye(n)
-            corr_base, corr_tuned = diversity.Cbb + eye, diversity.Ctt + eye
-        del Xb, Xt
+        Xb0, Xt0 = M.select_entries(b.scores, mask, entries), M.select_entries(t.scores, mask, entries)
+        if intensity is None:
+            intensity = (M.intensity_per_sample(Xb0), M.intensity_per_sample(Xt0))
+        for scale in settings.scales:
+            Xb, Xt = M.scaled(Xb0, scale), M.scaled(Xt0, scale)
+            rb, rt, mode = histogram_ranges(Xb, Xt, settings, scale)
+            ranges[(entries, scale)] = (rb, rt, mode)
+            diversity = S.PairwiseDiversityStatistic(Xb, Xt)
+            stats = {
+                "activation_intensity": lambda: S.MeanStatistic(M.intensity_per_sample(Xb), M.intensity_per_sample(Xt)),
+                "information_complexity": lambda: S.PooledEntropyStatistic(
+                    M.sample_histograms(Xb, spec, rb), M.sample_histograms(Xt, spec, rt), spec.log_base, spec.eps,
+                    exchangeable=mode != "own"),
+                "distribution_kurtosis": lambda: S.MeanStatistic(M.kurtosis_per_sample(Xb), M.kurtosis_per_sample(Xt)),
+                "diversity": lambda: diversity,
+            }
+            for metric in M.SCALED_METRICS[scale]:
+                comparisons[(entries, scale, metric)] = S.compare(stats[metric](), weights, flips, exact,
+                                                                  settings.level, settings.ci)
+            if corr_base is None:
+                eye = np.eye(n)
+                corr_base, corr_tuned = diversity.Cbb + eye, diversity.Ctt + eye
+        del Xb0, Xt0
 
+    # per-node output entropy normalises each sample's |weights|: the same on every scale
     Eb = M.output_entropy_per_source(b.scores, mask, spec.log_base, spec.eps)
     Et = M.output_entropy_per_source(t.scores, mask, spec.log_base, spec.eps)
     node = NodeEntropy(
@@ -191,21 +269,32 @@ def analyse_pair(pair: PairData, settings: Settings) -> PairResult:
         S.compare_all(S.MeanStatistic(Eb, Et), weights, flips, exact, settings.level, settings.ci),
     )
 
-    Ab, gd, gs = aggregate(M.mean_abs(b.scores), b.dst_names, b.src_names)
-    At, _, _ = aggregate(M.mean_abs(t.scores), b.dst_names, b.src_names)
+    primary = settings.entries[0]
+    per_scale = {"raw": (M.mean_abs(b.scores), M.mean_abs(t.scores)),
+                 "unit": (unit_mean_abs(b.scores, mask, primary), unit_mean_abs(t.scores, mask, primary))}
+    Ab, At = {}, {}
+    for scale in settings.scales:
+        Ab[scale], gd, gs = aggregate(per_scale[scale][0], b.dst_names, b.src_names)
+        At[scale], _, _ = aggregate(per_scale[scale][1], b.dst_names, b.src_names)
     gmask, _, _ = aggregate(mask.astype(np.float64), b.dst_names, b.src_names)
 
+    objective = str(b.meta.get("objective", "nll"))
     t_cut = _t_cut(pair.selection, b.meta)
-    loss_conv = b.meta.get("loss", "loss convention not recorded")
-    loss_label = f"own-answer NLL, first T_cut={t_cut} tokens" if t_cut is not None else str(loss_conv)
+    text = {"own": "own answers", "base": "the base model's answers", "tuned": "the tuned model's answers"}[pair.ref.text]
+    loss_label = (f"{objective}: {b.meta.get('loss', 'objective not recorded')} (first T_cut={t_cut} tokens of "
+                  f"{text})" if t_cut is not None else str(b.meta.get("loss", "loss convention not recorded")))
     return PairResult(
         dataset=pair.ref.dataset,
         alpha=pair.ref.alpha,
+        objective=pair.ref.objective,
+        text=pair.ref.text,
         granularity=b.granularity,
         n_layers=_n_layers(pair),
         n_samples=n,
         loss_label=loss_label,
-        loss_mean={"base": float(np.mean(b.loss)), "tuned": float(np.mean(t.loss))},
+        loss=S.compare(S.MeanStatistic(b.loss, t.loss), weights, flips, exact, settings.level, settings.ci),
+        loss_relation=loss_relation(intensity[0], intensity[1], np.asarray(b.loss), np.asarray(t.loss), weights,
+                                    settings.level),
         models={"base": str(b.meta.get("model", "?")), "tuned": str(t.meta.get("model", "?"))},
         paired_by=pair.paired_by,
         selection=pair.selection,

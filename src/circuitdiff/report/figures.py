@@ -2,8 +2,9 @@
 
 - relative-change heatmap: (mean|W_tuned| - mean|W_base|) / mean|W_base| per edge,
   sources on x and destinations on y, both ordered by (type, layer) so that each
-  (source type, destination type) pair is one block; one panel per alpha.
-- metrics vs alpha: each metric for base and tuned with 95% CIs, one row per entries mode.
+  (source type, destination type) pair is one block; one panel per alpha, one row per scale.
+- metrics vs alpha: each metric for base and tuned with 95% CIs, one row per scale (unit first).
+- loss relation: per question, log(I_tuned / I_base) against log(L_tuned / L_base).
 - diversity: the distribution of pairwise sample correlations for both models, and a
   paired scatter of each question's mean correlation to the other questions
   (base on x, tuned on y: points below the diagonal are questions whose attribution
@@ -58,58 +59,94 @@ def _axis_labels(groups: list[str], order: list[int], max_labels: int = 45) -> t
     return ticks, labels, bounds
 
 
-def heatmap_scale(results: list[PairResult]) -> float:
-    """One colour scale for every heatmap of the report: the 99th percentile of |relative change|."""
-    finite = np.concatenate([np.abs(r.rel_change[np.isfinite(r.rel_change)]) for r in results])
+def heatmap_scale(results: list[PairResult], scale: str = "raw") -> float:
+    """One colour scale for every heatmap of the report on `scale`: the 99th percentile of |relative change|."""
+    rels = [r.rel_change(scale) for r in results]
+    finite = np.concatenate([np.abs(rel[np.isfinite(rel)]) for rel in rels])
     vmax = float(np.percentile(finite, 99)) if finite.size else 1.0
     return vmax if vmax > 0 else 1.0
 
 
-def relative_change_heatmap(results: list[PairResult], dataset: str, vmax: float) -> bytes:
-    """One panel per alpha of the relative change per edge (aggregated to q/k/v/block nodes at head level)."""
+def relative_change_heatmap(results: list[PairResult], dataset: str, vmax: dict[str, float],
+                            scales: tuple[str, ...] = ("raw",)) -> bytes:
+    """One panel per alpha and scale of the relative change per edge (aggregated to q/k/v/block nodes at head level)."""
     rs = sorted((r for r in results if r.dataset == dataset), key=lambda r: r.alpha_value)
-    rels = [r.rel_change for r in rs]
     first = rs[0]
     dorder, sorder = type_layer_order(first.group_dst), type_layer_order(first.group_src)
     n_d, n_s = len(dorder), len(sorder)
     width = min(6.0, 2.0 + 0.12 * n_s)
     height = min(10.0, 2.0 + 0.1 * n_d)
-    fig, axes = plt.subplots(1, len(rs), figsize=(width * len(rs) + 1.2, height), squeeze=False, constrained_layout=True)
+    fig, axes = plt.subplots(len(scales), len(rs), figsize=(width * len(rs) + 1.2, height * len(scales)), squeeze=False,
+                             constrained_layout=True)
     cmap = plt.get_cmap("RdBu_r").with_extremes(bad="#d9d9d9")
-    image = None
-    for ax, r, rel in zip(axes[0], rs, rels):
-        image = ax.imshow(rel[np.ix_(dorder, sorder)], cmap=cmap, vmin=-vmax, vmax=vmax, aspect="auto", interpolation="nearest")
-        xt, xl, xb = _axis_labels(r.group_src, sorder)
-        yt, yl, yb = _axis_labels(r.group_dst, dorder)
-        ax.set_xticks(xt, xl, rotation=90, fontsize=6)
-        ax.set_yticks(yt, yl if ax is axes[0][0] else [""] * len(yt), fontsize=6)
-        for b in xb:
-            ax.axvline(b, color="black", lw=0.6)
-        for b in yb:
-            ax.axhline(b, color="black", lw=0.6)
-        ax.set_title(f"alpha={r.alpha}  (n={r.n_samples})", fontsize=9)
-        ax.set_xlabel("source (type, layer)", fontsize=8)
-    axes[0][0].set_ylabel("destination (type, layer)", fontsize=8)
-    bar = fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
-    bar.set_label("relative change of mean|W|", fontsize=8)
+    for row, scale in enumerate(scales):
+        image = None
+        for ax, r in zip(axes[row], rs):
+            rel = r.rel_change(scale)
+            image = ax.imshow(rel[np.ix_(dorder, sorder)], cmap=cmap, vmin=-vmax[scale], vmax=vmax[scale], aspect="auto",
+                              interpolation="nearest")
+            xt, xl, xb = _axis_labels(r.group_src, sorder)
+            yt, yl, yb = _axis_labels(r.group_dst, dorder)
+            ax.set_xticks(xt, xl, rotation=90, fontsize=6)
+            ax.set_yticks(yt, yl if ax is axes[row][0] else [""] * len(yt), fontsize=6)
+            for b in xb:
+                ax.axvline(b, color="black", lw=0.6)
+            for b in yb:
+                ax.axhline(b, color="black", lw=0.6)
+            ax.set_title(f"{scale} scale, alpha={r.alpha}  (n={r.n_samples})", fontsize=9)
+            ax.set_xlabel("source (type, layer)", fontsize=8)
+        axes[row][0].set_ylabel("destination (type, layer)", fontsize=8)
+        bar = fig.colorbar(image, ax=axes[row].tolist(), shrink=0.8)
+        bar.set_label(f"relative change of mean|W| ({scale}; clipped at ±{vmax[scale]:.3g})", fontsize=8)
     agg = "; heads summed into q/k/v and block nodes" if first.aggregated else ""
     fig.suptitle(
         f"{dataset}: (mean|W_tuned| - mean|W_base|) / mean|W_base| per edge{agg}\n"
-        f"grey = no edge; colours clipped at ±{vmax:.3g} (99th pct of |change| over the whole report)",
+        "grey = no edge; colours clipped at the 99th pct of |change| over the whole report, per scale",
         fontsize=9,
     )
+    return to_png(fig)
+
+
+def loss_relation_figure(results: list[PairResult]) -> bytes:
+    """One panel per alpha: per question, log(I_tuned / I_base) against log(L_tuned / L_base), with the fit."""
+    rs = sorted(results, key=lambda r: r.alpha_value)
+    fig, axes = plt.subplots(1, len(rs), figsize=(4.2 * len(rs), 3.8), squeeze=False, constrained_layout=True)
+    for ax, r in zip(axes[0], rs):
+        rel = r.loss_relation
+        x, y = np.array(rel["dlog_loss"]), np.array(rel["dlog_intensity"])
+        ax.scatter(x, y, s=16, color="#55A868", edgecolor="none")
+        lo, hi = float(min(x.min(), y.min(), 0.0)), float(max(x.max(), y.max(), 0.0))
+        grid = np.linspace(lo, hi, 50)
+        ax.plot(grid, grid, ls="--", color="grey", lw=0.8, label="slope 1 through 0")
+        if np.isfinite(rel["slope"]):
+            ax.plot(grid, rel["mean_dlog_intensity"] + rel["slope"] * (grid - rel["mean_dlog_loss"]), color="black",
+                    lw=1.0, label=f"fit: slope {rel['slope']:.2f} [{rel['slope_ci'][0]:.2f}, {rel['slope_ci'][1]:.2f}]")
+        ax.axhline(0, color="black", lw=0.4)
+        ax.axvline(0, color="black", lw=0.4)
+        ax.set_xlabel("log(L_tuned / L_base)", fontsize=8)
+        ax.set_ylabel("log(I_tuned / I_base)", fontsize=8)
+        ax.set_title(f"{r.dataset}, alpha={r.alpha}, objective {r.objective} (n={r.n_samples})", fontsize=9)
+        ax.legend(fontsize=7)
+        ax.tick_params(labelsize=7)
     return to_png(fig)
 
 
 def metrics_vs_alpha(results: list[PairResult], dataset: str, settings: Settings) -> bytes:
     rs = sorted((r for r in results if r.dataset == dataset), key=lambda r: r.alpha_value)
     pos = np.arange(len(rs), dtype=np.float64)  # alphas as evenly spaced categories
-    n_rows, n_cols = len(settings.entries), len(M.METRICS)
+    entries = settings.entries[0]
+    n_rows, n_cols = len(settings.scales), len(M.METRICS)
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(3.3 * n_cols, 2.7 * n_rows), squeeze=False, constrained_layout=True)
-    for i, entries in enumerate(settings.entries):
+    legend = True
+    for i, scale in enumerate(settings.scales):
         for j, metric in enumerate(M.METRICS):
             ax = axes[i][j]
-            comps = [r.comparisons[(entries, metric)] for r in rs]
+            if metric not in M.SCALED_METRICS[scale]:
+                ax.text(0.5, 0.5, f"{M.METRIC_LABELS[metric]}\non the {scale} scale:\n1 by construction", ha="center",
+                        va="center", fontsize=9, transform=ax.transAxes)
+                ax.set_axis_off()
+                continue
+            comps = [r.comparisons[(entries, scale, metric)] for r in rs]
             for k, role in enumerate(("base", "tuned")):
                 vals = np.array([getattr(c, role) for c in comps])
                 cis = np.array([getattr(c, f"{role}_ci") for c in comps])
@@ -121,14 +158,15 @@ def metrics_vs_alpha(results: list[PairResult], dataset: str, settings: Settings
                     ax.annotate("*", (p, top), ha="center", va="top", fontsize=12)
             ax.set_xticks(pos, [r.alpha for r in rs])
             ax.set_xlim(-0.5, len(rs) - 0.5)
-            ax.set_title(f"{M.METRIC_LABELS[metric]}  [entries={entries}]", fontsize=9)
+            ax.set_title(f"{M.METRIC_LABELS[metric]}  [{scale} scale]", fontsize=9)
             ax.set_xlabel("alpha (T_cut / T_bar)", fontsize=8)
             ax.tick_params(labelsize=7)
-            if i == 0 and j == 0:
+            if legend:
                 ax.legend(fontsize=7)
+                legend = False
     fig.suptitle(
-        f"{dataset}: metrics vs alpha, {settings.level:.0%} paired-bootstrap CIs; * = CI of tuned - base excludes 0 "
-        f"(entropy: {settings.bins} bins, log base {settings.log_base})",
+        f"{dataset}: metrics vs alpha, entries={entries}, {settings.level:.0%} paired-bootstrap CIs; * = CI of tuned - "
+        f"base excludes 0 (entropy: {settings.bins} bins, {settings.range_label}, log base {settings.log_base})",
         fontsize=10,
     )
     return to_png(fig)

@@ -1,8 +1,11 @@
-"""Which (dataset, alpha) pairs of a run have W for both models, read and matched sample by sample.
+"""Which comparisons a run's W files allow, read and matched sample by sample.
 
-Pairs with only one role, or whose two files disagree (sample count, node names), are skipped
-with a reason. Samples are matched by the question idx each W file records (its meta), else
-by position.
+A comparison is (dataset, alpha, objective, text): the base and the tuned model scored with one
+objective, each on its own answers (text "own"), or both on the base model's answers ("base") or
+both on the tuned model's ("tuned") when the run computed those views (config `text`). An
+own-text comparison with only one role, or two files that disagree (sample count, node names),
+is skipped with a reason. Samples are matched by the question idx each W file records (its
+meta), else by position.
 """
 
 from __future__ import annotations
@@ -17,12 +20,22 @@ from circuitdiff.store import artifacts, layout
 from circuitdiff.store.artifacts import Attribution
 
 
+TEXT_MODES = {  # text -> ((model, text) of the base side, (model, text) of the tuned side)
+    "own": (("base", "base"), ("tuned", "tuned")),
+    "base": (("base", "base"), ("tuned", "base")),
+    "tuned": (("base", "tuned"), ("tuned", "tuned")),
+}
+OBJECTIVE_ORDER = {"nll": 0, "logit": 1}
+
+
 @dataclass(frozen=True)
 class PairRef:
-    """Where the two W files of one (dataset, alpha) live."""
+    """Where the two W files of one comparison live."""
 
     dataset: str
     alpha: str  # as written in the file name
+    objective: str
+    text: str  # own | base | tuned
     base_path: Path
     tuned_path: Path
     selection_path: Path | None
@@ -57,17 +70,21 @@ def index_run(run_dir: str | Path) -> RunIndex:
     found = layout.find_attributions(run_dir)
     if not found:
         raise UserError(
-            f"{run_dir} holds no attribution/{{base,tuned}}/{{dataset}}/alpha={{a}}.npz files; "
+            f"{run_dir} holds no attribution/{{objective}}/{{base,tuned}}/{{dataset}}/alpha={{a}}.npz files; "
             "run the attribution stage first (or pass the right run directory)"
         )
     pairs, skipped = [], []
-    for (dataset, alpha), paths in sorted(found.items(), key=lambda kv: (kv[0][0], float(kv[0][1]))):
-        missing = [r for r in layout.ROLES if r not in paths]
-        if missing:
-            skipped.append((dataset, alpha, f"no {missing[0]} attribution file"))
-            continue
+    order = lambda kv: (kv[0][1], float(kv[0][2]), OBJECTIVE_ORDER.get(kv[0][0], 9), kv[0][0])  # noqa: E731
+    for (objective, dataset, alpha), views in sorted(found.items(), key=order):
         sel = layout.selection(run_dir, dataset, float(alpha))
-        pairs.append(PairRef(dataset, alpha, paths["base"], paths["tuned"], sel if sel.exists() else None))
+        for text, (base_view, tuned_view) in TEXT_MODES.items():
+            missing = [v for v in (base_view, tuned_view) if v not in views]
+            if missing:
+                if text == "own":
+                    skipped.append((dataset, alpha, f"no {missing[0][0]} attribution file (objective {objective})"))
+                continue
+            pairs.append(PairRef(dataset, alpha, objective, text, views[base_view], views[tuned_view],
+                                 sel if sel.exists() else None))
     return RunIndex(run_dir, artifacts.read_manifest(run_dir), pairs, skipped)
 
 

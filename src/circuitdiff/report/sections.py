@@ -16,7 +16,8 @@ from circuitdiff.report import figures, tables
 from circuitdiff.report.accuracy import accuracy_section
 from circuitdiff.report.compute import PairResult, Settings
 from circuitdiff.report.html import Figure, Section, Table
-from circuitdiff.report.pairs import RunIndex
+from circuitdiff.choices import SCALES
+from circuitdiff.report.pairs import OBJECTIVE_ORDER, RunIndex
 from circuitdiff.report.validation import validation_section
 
 
@@ -30,12 +31,19 @@ class ReportContext:
     skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (dataset, alpha, reason)
 
     @property
+    def primary(self) -> list[PairResult]:
+        """The comparisons the figures show: each model on its own text, the first objective (nll when present)."""
+        objectives = sorted({r.objective for r in self.results}, key=lambda o: OBJECTIVE_ORDER.get(o, 9))
+        own = [r for r in self.results if r.text == "own" and r.objective == objectives[0]]
+        return own or [r for r in self.results if r.objective == objectives[0]]
+
+    @property
     def datasets(self) -> list[str]:
-        return list(dict.fromkeys(r.dataset for r in self.results))
+        return list(dict.fromkeys(r.dataset for r in self.primary))
 
     def reference(self, dataset: str) -> PairResult:
-        """The dataset's result at the alpha closest to settings.ref_alpha."""
-        rs = [r for r in self.results if r.dataset == dataset]
+        """The dataset's primary result at the alpha closest to settings.ref_alpha."""
+        rs = [r for r in self.primary if r.dataset == dataset]
         return min(rs, key=lambda r: (abs(r.alpha_value - self.settings.ref_alpha), r.alpha_value))
 
 
@@ -51,9 +59,14 @@ def conventions_section(ctx: ReportContext) -> list[Section]:
         ["granularity", ", ".join(grans)],
         ["entries", f"{', '.join(s.entries)} (figures use '{s.entries[0]}'); all = every n_dst x n_src entry of W, "
                     "structural zeros included (paper-compatible); edges = only real edges (edge_mask)"],
+        ["scales", "; ".join(f"{sc}: {SCALES[sc]}" for sc in s.scales) + ". Kurtosis, Diversity and the node entropy "
+                   "do not change when a sample's W is multiplied by a constant: their two scales agree; Information "
+                   "Complexity does change, and the unit scale removes the size of W from it"],
+        ["text", "own: each model scored on its own answers (the paper's); same text (base / tuned): both models on "
+                 "identical tokens, one model's answers, when the run computed them (config text)"],
         ["Activation Intensity", "mean over samples and entries of |W|"],
         ["Information Complexity", f"entropy of ONE histogram of |W| pooled over all samples; {s.bins} equal-width bins, "
-                                   f"range {s.range_label} (values outside are clipped into the end bins), "
+                                   f"range {s.range_label}, per scale (values outside are clipped into the end bins), "
                                    f"-sum p log(p + eps) with eps={s.eps:g}, log base {s.log_base}"],
         ["Distribution Kurtosis", "mean over samples of the excess (Fisher) kurtosis of the signed entries of W^(k), biased moments"],
         ["Diversity", "1 - mean Pearson correlation of the flattened signed W over all pairs of distinct samples"],
@@ -77,34 +90,81 @@ def conventions_section(ctx: ReportContext) -> list[Section]:
     return [Section("Conventions", "Every number in this report was produced with these conventions.", [Table(["convention", "value"], rows)])]
 
 
+def _tables(ctx: ReportContext, own: bool) -> list:
+    header = tables.table_header(ctx.settings)
+    return [Table(header, rows, caption=tables.block_title(key))
+            for key, rows, _ in tables.table_groups(ctx.results, ctx.settings) if (key[1] == "own") == own]
+
+
 def summary_section(ctx: ReportContext) -> list[Section]:
-    blocks = [
-        Table(tables.TABLE_HEADER, text_rows, caption=f"entries = {entries}, alpha = {alpha}")
-        for entries, _, alpha, text_rows, _ in tables.table_groups(ctx.results, ctx.settings)
-    ]
     text = (
-        "Layout of the paper's Table 1: base → tuned, the difference tuned - base with its 95% paired-bootstrap CI, "
-        "the relative difference and the paired permutation p-value (uncorrected; Holm-adjusted values are in "
-        "metrics.csv). An arrow marks a change whose CI excludes 0.\n\n" + tables.conventions_line(ctx.results, ctx.settings)
+        "Layout of the paper's Table 1, one column per scale (unit first: it removes the size of W, which follows the "
+        "loss gradient): base → tuned, the difference tuned - base with its 95% paired-bootstrap CI and relative size, "
+        "and the paired permutation p-value (uncorrected; Holm-adjusted values are in metrics.csv). An arrow marks a "
+        "change whose CI excludes 0.\n\n" + tables.conventions_line(ctx.results, ctx.settings)
     )
-    return [Section("Summary table", text, blocks)]
+    return [Section("Summary table", text, _tables(ctx, own=True))]
+
+
+def same_text_section(ctx: ReportContext) -> list[Section]:
+    blocks = _tables(ctx, own=False)
+    if not blocks:
+        return []
+    text = ("Both models scored on identical tokens (one model's answers), so the difference is the models' alone; "
+            "beside the own-text table above, where each model reads its own answer and the texts differ too.")
+    return [Section("Same text", text, blocks)]
+
+
+def loss_section(ctx: ReportContext) -> list[Section]:
+    """The objective of both models, and how much of the intensity change the loss change predicts."""
+    header = ["dataset", "alpha", "objective", "text", "mean loss base → tuned; Δ [95% CI]", "mean Δlog intensity [CI]",
+              "mean Δlog loss [CI]", "slope of Δlog intensity on Δlog loss [CI]", "n"]
+    rows, figures_in = [], []
+    for r in ctx.results:
+        c, rel = r.loss, r.loss_relation
+        loss = f"{tables.fmt(c.base)} → {tables.fmt(c.tuned)}; Δ {tables.fmt(c.diff)} [{tables.fmt(c.diff_ci[0])}, {tables.fmt(c.diff_ci[1])}]"
+        if rel.get("defined"):
+            ci = lambda key: f"{tables.fmt(rel[key])} [{tables.fmt(rel[key + '_ci'][0])}, {tables.fmt(rel[key + '_ci'][1])}]"  # noqa: E731
+            rows.append([r.dataset, r.alpha, r.objective, r.text, loss, ci("mean_dlog_intensity"), ci("mean_dlog_loss"),
+                         ci("slope"), str(r.n_samples)])
+            if any(r is p for p in ctx.primary):
+                figures_in.append(r)
+        else:
+            rows.append([r.dataset, r.alpha, r.objective, r.text, loss, "", "", rel.get("note", ""), str(r.n_samples)])
+    blocks = [Table(header, rows)]
+    for d in dict.fromkeys(r.dataset for r in figures_in):
+        blocks.append(Figure(figures.loss_relation_figure([r for r in figures_in if r.dataset == d]),
+                             f"{d}: per question, log(I_tuned / I_base) (raw Activation Intensity, entries "
+                             f"{ctx.settings.entries[0]}) against log(L_tuned / L_base), with the least-squares line; "
+                             "the dashed line is slope 1 through 0 (W proportional to the loss).",
+                             f"fig_loss_relation_{safe_name(d)}.png"))
+    text = ("W is linear in the gradient of the objective. The NLL saturates as a model grows sure of its answer "
+            "(its gradient shrinks like 1 - p, about the NLL itself), so a surer model gets smaller |W| everywhere. "
+            "Per question, Δlog = log(tuned / base); the slope of Δlog intensity on Δlog loss (least squares with an "
+            "intercept, paired-bootstrap CI) near 1 says the intensity change is mostly the loss change; the unit scale "
+            "and the logit objective remove this confound. Loss = the objective of each row (logit: minus the centred "
+            "logit, which can be negative, so no log relation).")
+    return [Section("Loss and scale", text, blocks)]
 
 
 def alpha_section(ctx: ReportContext) -> list[Section]:
     blocks = [
-        Figure(figures.metrics_vs_alpha(ctx.results, d, ctx.settings), f"{d}: the four metrics vs alpha for base and tuned, "
-               "95% CIs; one row per entries mode.", f"fig_metrics_vs_alpha_{safe_name(d)}.png")
+        Figure(figures.metrics_vs_alpha(ctx.primary, d, ctx.settings), f"{d}: the metrics vs alpha for base and tuned, "
+               f"95% CIs, entries {ctx.settings.entries[0]}; one row per scale (unit first).",
+               f"fig_metrics_vs_alpha_{safe_name(d)}.png")
         for d in ctx.datasets
     ]  # fmt: skip
     return [Section("Metrics vs alpha", "alpha is the fraction of the mean answer length kept for the loss (T_cut = alpha * T_bar).", blocks)]
 
 
 def heatmap_section(ctx: ReportContext) -> list[Section]:
-    vmax = figures.heatmap_scale(ctx.results)
+    scales = ctx.settings.scales
+    vmax = {scale: figures.heatmap_scale(ctx.primary, scale) for scale in scales}
     blocks = [
-        Figure(figures.relative_change_heatmap(ctx.results, d, vmax), f"{d}: relative change of mean |W| per edge (red = stronger "
-               "in the tuned model); nodes ordered by type then layer; grey = impossible edge; one colour scale for all datasets.",
-               f"fig_relative_change_{safe_name(d)}.png")
+        Figure(figures.relative_change_heatmap(ctx.primary, d, vmax, scales), f"{d}: relative change of mean |W| per edge "
+               "(red = stronger in the tuned model), one row per scale (unit: each sample's W divided by its mean |W|, "
+               "so an edge gains only by taking a larger share); nodes ordered by type then layer; grey = impossible "
+               "edge; one colour scale per scale for all datasets.", f"fig_relative_change_{safe_name(d)}.png")
         for d in ctx.datasets
     ]  # fmt: skip
     return [Section("Relative change per edge", "Per-edge numbers are in edge_change.csv.", blocks)]
@@ -137,13 +197,13 @@ def node_entropy_section(ctx: ReportContext) -> list[Section]:
 def samples_section(ctx: ReportContext) -> list[Section]:
     header = ["dataset", "alpha", "n", "paired by", "granularity", "mean loss base", "mean loss tuned", "selection"]
     rows = []
-    for r in ctx.results:
+    for r in [r for r in ctx.results if r.text == "own"]:
         sel = {k: v for k, v in r.selection.items() if isinstance(v, (int, float, str, bool)) or v is None}
         for group in ("counts", "settings"):  # filter counts and selection settings, one level deep
             if isinstance(r.selection.get(group), dict):
                 sel.update({f"{group}.{k}": v for k, v in r.selection[group].items() if not isinstance(v, (dict, list))})
-        rows.append([r.dataset, r.alpha, str(r.n_samples), r.paired_by, r.granularity, tables.fmt(r.loss_mean["base"]),
-                     tables.fmt(r.loss_mean["tuned"]), ", ".join(f"{k}={v}" for k, v in sorted(sel.items()))])  # fmt: skip
+        rows.append([r.dataset, r.alpha, str(r.n_samples), r.paired_by, r.granularity, tables.fmt(r.loss.base),
+                     tables.fmt(r.loss.tuned), ", ".join(f"{k}={v}" for k, v in sorted(sel.items()))])  # fmt: skip
     return [Section("Samples", "The questions both models answered correctly, selected per dataset and alpha.", [Table(header, rows)])]
 
 
@@ -174,6 +234,8 @@ SECTION_BUILDERS: list[Callable[[ReportContext], list[Section]]] = [
     conventions_section,
     accuracy_section,
     summary_section,
+    same_text_section,
+    loss_section,
     alpha_section,
     heatmap_section,
     diversity_section,

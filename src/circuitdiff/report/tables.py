@@ -1,12 +1,13 @@
-"""metrics.csv, table.md and table.tex from the pair results.
+"""metrics.csv, table.md and table.tex from the comparison results.
 
-metrics.csv has one row per (dataset, alpha, entries, metric, role), role in base /
-tuned / diff (tuned - base), with the 95% CI and every convention that produced the
-number. Tests and effect sizes fill the diff rows. p_perm_holm is Holm-adjusted over
-every diff row of the report (all datasets, alphas, entries modes and metrics).
+metrics.csv has one row per (dataset, alpha, objective, text, entries, scale, metric, role),
+role in base / tuned / diff (tuned - base), with the 95% CI and every convention that produced
+the number (the histogram range in `range`). Tests and effect sizes fill the diff rows.
+p_perm_holm is Holm-adjusted over every diff row of the report.
 
-The tables follow the paper's Table 1: rows dataset x metric, "base -> tuned" with an
-arrow only where the 95% CI of the difference excludes 0.
+The tables follow the paper's Table 1: rows dataset x metric, one column per scale (unit first),
+"base -> tuned" with an arrow only where the 95% CI of the difference excludes 0; one table per
+(objective, text, entries mode, alpha), own text first.
 """
 
 from __future__ import annotations
@@ -17,16 +18,23 @@ import math
 
 from circuitdiff import metrics as M
 from circuitdiff import stats as S
+from circuitdiff.choices import SCALES
 from circuitdiff.report.compute import PairResult, Settings
+from circuitdiff.report.pairs import OBJECTIVE_ORDER
 
 CSV_COLUMNS = [
-    "dataset", "alpha", "metric", "role", "value", "ci_low", "ci_high",
+    "dataset", "alpha", "objective", "text", "metric", "scale", "role", "value", "ci_low", "ci_high",
     "p_perm", "p_perm_holm", "perm_exact", "p_wilcoxon", "cohen_dz", "rel_diff", "arrow",
     "granularity", "entries", "bins", "range", "log_base", "eps", "loss",
     "n_samples", "n_boot", "n_perm", "seed", "ci_method",
 ]  # fmt: skip
 
 ARROWS = {"up": ("↑", r"$\uparrow$"), "down": ("↓", r"$\downarrow$"), "": ("", "")}
+TEXT_TITLES = {
+    "own": "each model on its own answers",
+    "base": "same text: both models on the base model's answers",
+    "tuned": "same text: both models on the tuned model's answers",
+}
 
 
 def fmt(x: float) -> str:
@@ -48,33 +56,43 @@ def fmt_p(p: float) -> str:
     return "<1e-4" if p < 1e-4 else f"{p:.2g}" if p < 0.01 else f"{p:.3f}"
 
 
-def _range_text(r: tuple[float, float], settings: Settings) -> str:
-    return f"[{r[0]:.6g}, {r[1]:.6g}] {'shared' if settings.range is None else 'fixed'}"
+def range_text(ranges: tuple) -> str:
+    """The histogram range(s) of one (entries, scale): "[lo, hi] shared|fixed" or "base [..], tuned [..] own"."""
+    rb, rt, mode = ranges
+    if mode == "own":
+        return f"base [{rb[0]:.6g}, {rb[1]:.6g}], tuned [{rt[0]:.6g}, {rt[1]:.6g}] own"
+    return f"[{rb[0]:.6g}, {rb[1]:.6g}] {mode}"
 
 
-def diff_rows_in_order(results: list[PairResult], settings: Settings) -> list[tuple[PairResult, str, str, S.Comparison]]:
+def comparison_key(res: PairResult) -> tuple:
+    return (res.dataset, res.alpha, res.objective, res.text)
+
+
+def diff_rows_in_order(results: list[PairResult], settings: Settings) -> list[tuple[PairResult, str, str, str, S.Comparison]]:
     return [
-        (res, entries, metric, res.comparisons[(entries, metric)])
+        (res, entries, scale, metric, res.comparisons[(entries, scale, metric)])
         for res in results
         for entries in settings.entries
-        for metric in M.METRICS
+        for scale in settings.scales
+        for metric in M.SCALED_METRICS[scale]
     ]
 
 
-def holm_adjusted(results: list[PairResult], settings: Settings) -> dict[tuple[str, str, str, str], float]:
+def holm_adjusted(results: list[PairResult], settings: Settings) -> dict[tuple, float]:
     items = diff_rows_in_order(results, settings)
     adjusted = S.holm([c.p_perm for *_, c in items])
-    return {(r.dataset, r.alpha, e, m): p for (r, e, m, _), p in zip(items, adjusted)}
+    return {(*comparison_key(r), e, sc, m): p for (r, e, sc, m, _), p in zip(items, adjusted)}
 
 
 def csv_rows(results: list[PairResult], settings: Settings) -> list[dict]:
     holm = holm_adjusted(results, settings)
     rows = []
-    for res, entries, metric, c in diff_rows_in_order(results, settings):
+    for res, entries, scale, metric, c in diff_rows_in_order(results, settings):
         common = {
-            "dataset": res.dataset, "alpha": res.alpha, "metric": metric,
+            "dataset": res.dataset, "alpha": res.alpha, "objective": res.objective, "text": res.text,
+            "metric": metric, "scale": scale,
             "granularity": res.granularity, "entries": entries, "bins": settings.bins,
-            "range": _range_text(res.ranges[entries], settings), "log_base": settings.log_base,
+            "range": range_text(res.ranges[(entries, scale)]), "log_base": settings.log_base,
             "eps": settings.eps, "loss": res.loss_label, "n_samples": c.n_samples,
             "n_boot": c.n_boot, "n_perm": "all 2^n flips" if c.perm_exact else c.n_perm,
             "seed": settings.seed, "ci_method": settings.ci_method,
@@ -83,7 +101,7 @@ def csv_rows(results: list[PairResult], settings: Settings) -> list[dict]:
             row = dict(common, role=role, value=value, ci_low=ci[0], ci_high=ci[1])
             if role == "diff":
                 row.update(
-                    p_perm=c.p_perm, p_perm_holm=holm[(res.dataset, res.alpha, entries, metric)],
+                    p_perm=c.p_perm, p_perm_holm=holm[(*comparison_key(res), entries, scale, metric)],
                     perm_exact=c.perm_exact, p_wilcoxon=c.p_wilcoxon, cohen_dz=c.cohen_dz,
                     rel_diff=c.rel_diff, arrow=c.arrow,
                 )  # fmt: skip
@@ -100,53 +118,70 @@ def to_csv(rows: list[dict], columns: list[str] = CSV_COLUMNS) -> str:
     return buf.getvalue()
 
 
-# ------------------------------------------------------------ Table 1 layout
-TABLE_HEADER = ["Dataset", "Metric", "Base → Tuned", "Δ [95% CI]", "Δ %", "p (perm.)", "n"]
+# ------------------------------------------------------------ Table 1 layout, the scales side by side
+def table_header(settings: Settings) -> list[str]:
+    return ["Dataset", "Metric"] + [f"{scale} scale: base → tuned; Δ [95% CI]; p" for scale in settings.scales] + ["n"]
 
 
-def table_groups(results: list[PairResult], settings: Settings) -> list[tuple[str, float, str, list[list[str]], list[list[str]]]]:
-    """[(entries, alpha_value, alpha_label, rows_text, rows_tex)]: one Table-1 block per entries mode and alpha."""
+def _cell(c: S.Comparison | None, tex: bool) -> str:
+    """One scale's cell: base -> tuned (arrow), the difference with its CI and relative size, the p-value."""
+    if c is None:
+        return "1 (by construction)"
+    esc = latex_escape if tex else (lambda x: x)
+    arrow = ARROWS[c.arrow][1 if tex else 0]
+    to, delta = (r"$\to$", r"$\Delta$") if tex else ("→", "Δ")
+    rel = esc(f" ({100 * c.rel_diff:+.1f}%)") if math.isfinite(c.rel_diff) else ""
+    return (f"{fmt(c.base)} {to} {fmt(c.tuned)} {arrow}".rstrip()
+            + f"; {delta} {fmt(c.diff)} [{fmt(c.diff_ci[0])}, {fmt(c.diff_ci[1])}]{rel}; p {esc(fmt_p(c.p_perm))}")
+
+
+def table_groups(results: list[PairResult], settings: Settings) -> list[tuple[tuple, list[list[str]], list[list[str]]]]:
+    """[((objective, text, entries, alpha), rows_text, rows_tex)]: one Table-1 block each, scales as columns."""
     groups = []
-    alphas = sorted({(r.alpha_value, r.alpha) for r in results})
-    for entries in settings.entries:
-        for alpha_value, alpha in alphas:
+    blocks = sorted({(r.objective, r.text, r.alpha_value, r.alpha) for r in results},
+                    key=lambda b: (OBJECTIVE_ORDER.get(b[0], 9), list(TEXT_TITLES).index(b[1]), b[2]))
+    for objective, text, _, alpha in blocks:
+        for entries in settings.entries:
             text_rows, tex_rows = [], []
-            for res in [r for r in results if r.alpha == alpha]:
+            for res in [r for r in results if (r.objective, r.text, r.alpha) == (objective, text, alpha)]:
                 for i, metric in enumerate(M.METRICS):
-                    c = res.comparisons[(entries, metric)]
-                    arrow_txt, arrow_tex = ARROWS[c.arrow]
+                    cells = [res.comparisons.get((entries, scale, metric)) for scale in settings.scales]
                     dataset = res.dataset if i == 0 else ""
-                    ci = f"{fmt(c.diff)} [{fmt(c.diff_ci[0])}, {fmt(c.diff_ci[1])}]"
-                    rel = f"{100 * c.rel_diff:+.1f}%" if math.isfinite(c.rel_diff) else "n/a"
-                    text_rows.append([dataset, M.METRIC_LABELS[metric], f"{fmt(c.base)} → {fmt(c.tuned)} {arrow_txt}".rstrip(),
-                                      ci, rel, fmt_p(c.p_perm), str(c.n_samples)])
-                    tex_rows.append([latex_escape(dataset), M.METRIC_LABELS[metric],
-                                     f"{fmt(c.base)} $\\to$ {fmt(c.tuned)} {arrow_tex}".rstrip(),
-                                     f"{fmt(c.diff)} [{fmt(c.diff_ci[0])}, {fmt(c.diff_ci[1])}]",
-                                     latex_escape(rel), latex_escape(fmt_p(c.p_perm)), str(c.n_samples)])
+                    text_rows.append([dataset, M.METRIC_LABELS[metric]] + [_cell(c, False) for c in cells]
+                                     + [str(res.n_samples)])
+                    tex_rows.append([latex_escape(dataset), M.METRIC_LABELS[metric]] + [_cell(c, True) for c in cells]
+                                    + [str(res.n_samples)])
             if text_rows:
-                groups.append((entries, alpha_value, alpha, text_rows, tex_rows))
+                groups.append(((objective, text, entries, alpha), text_rows, tex_rows))
     return groups
+
+
+def block_title(key: tuple) -> str:
+    objective, text, entries, alpha = key
+    return f"{TEXT_TITLES[text]}; objective = {objective}, entries = {entries}, alpha = {alpha}"
 
 
 def conventions_line(results: list[PairResult], settings: Settings) -> str:
     grans = sorted({r.granularity for r in results})
     losses = sorted({r.loss_label for r in results})
     return (
-        f"granularity={'/'.join(grans)}; histogram: bins={settings.bins}, range={settings.range_label}, "
-        f"log base={settings.log_base}, eps={settings.eps:g}; kurtosis: excess (Fisher), of signed W, biased moments; "
+        f"granularity={'/'.join(grans)}; scales: {', '.join(f'{s} = {SCALES[s]}' for s in settings.scales)}; "
+        f"histogram: bins={settings.bins}, range={settings.range_label}, log base={settings.log_base}, "
+        f"eps={settings.eps:g}; kurtosis: excess (Fisher), of signed W, biased moments; "
         f"CI: {settings.ci_method}, n_boot={settings.n_boot}; p: two-sided paired sign-flip permutation test "
-        f"(n_perm={settings.n_perm}, or all 2^n flips when fewer); seed={settings.seed}; loss: {'; '.join(losses)}; "
-        "arrows only where the CI of tuned - base excludes 0."
+        f"(n_perm={settings.n_perm}, or all 2^n flips when fewer; not defined with own ranges); seed={settings.seed}; "
+        f"objective: {'; '.join(losses)}; arrows only where the CI of tuned - base excludes 0."
     )
 
 
 def markdown(results: list[PairResult], settings: Settings) -> str:
-    out = ["# Base vs tuned circuit metrics (layout of the paper's Table 1)", "", conventions_line(results, settings), ""]
-    for entries, _, alpha, rows, _ in table_groups(results, settings):
-        out += [f"## entries = {entries}, alpha = {alpha}", ""]
-        out.append("| " + " | ".join(TABLE_HEADER) + " |")
-        out.append("|" + "|".join("---" for _ in TABLE_HEADER) + "|")
+    out = ["# Base vs tuned circuit metrics (layout of the paper's Table 1, the scales side by side)", "",
+           conventions_line(results, settings), ""]
+    header = table_header(settings)
+    for key, rows, _ in table_groups(results, settings):
+        out += [f"## {block_title(key)}", ""]
+        out.append("| " + " | ".join(header) + " |")
+        out.append("|" + "|".join("---" for _ in header) + "|")
         out += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
         out.append("")
     return "\n".join(out)
@@ -166,19 +201,20 @@ def latex(results: list[PairResult], settings: Settings) -> str:
         "% circuitdiff report tables (needs \\usepackage{booktabs})",
         f"% {latex_escape(conventions_line(results, settings))}",
     ]
-    for entries, _, alpha, _, rows in table_groups(results, settings):
+    columns = "ll" + "p{0.3\\linewidth}" * len(settings.scales) + "r"
+    for key, _, rows in table_groups(results, settings):
         out += [
             "\\begin{table}[t]",
             "\\centering",
-            f"\\caption{{Base $\\to$ tuned circuit metrics, entries={entries}, $\\alpha$={alpha}. "
+            f"\\caption{{Base $\\to$ tuned circuit metrics, {latex_escape(block_title(key))}. "
             f"$\\Delta$ = tuned $-$ base with a {settings.level:.0%} paired bootstrap CI ({settings.n_boot} resamples); "
             f"arrows only where the CI excludes 0; p: paired sign-flip permutation test. "
             f"Entropy: {settings.bins} bins, {latex_escape(settings.range_label)}, log base {settings.log_base}.}}".replace(
                 "%", "\\%"
             ),
-            "\\begin{tabular}{llllrrr}",
+            f"\\begin{{tabular}}{{{columns}}}",
             "\\toprule",
-            " & ".join(["Dataset", "Metric", "Base $\\to$ Tuned", "$\\Delta$ [95\\% CI]", "$\\Delta$ \\%", "$p$", "$n$"]) + " \\\\",
+            " & ".join(["Dataset", "Metric"] + [f"{s} scale" for s in settings.scales] + ["$n$"]) + " \\\\",
             "\\midrule",
         ]
         for i, row in enumerate(rows):

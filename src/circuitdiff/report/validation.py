@@ -24,16 +24,16 @@ def _ci(effect: dict | None) -> str:
 
 def validation_blocks(run_dir: Path) -> tuple[list, list[str]]:
     """(Table + Figures, unreadable file names) for the validation results."""
-    header = ["role", "dataset", "alpha", "granularity", "edges", "samples", "Spearman", "Pearson", "Spearman |.|",
+    header = ["objective", "role", "dataset", "alpha", "granularity", "edges", "samples", "Spearman", "Pearson", "Spearman |.|",
               "sign agreement", "top-10 overlap", "top-5% overlap", "Spearman pooled"]
     rows, figures, bad = [], [], []
-    for role, dataset, alpha, path in layout.find_validations(run_dir):
+    for objective, role, dataset, alpha, path in layout.find_validations(run_dir):
         data = _read(path)
         s = (data or {}).get("summary")
         if not isinstance(s, dict):
             bad.append(str(path.relative_to(run_dir)))
             continue
-        rows.append([role, dataset, alpha, str(data.get("granularity")), f"{data.get('n_edges')} ({s.get('edges_chosen', '')})",
+        rows.append([objective, role, dataset, alpha, str(data.get("granularity")), f"{data.get('n_edges')} ({s.get('edges_chosen', '')})",
                      str(data.get("n_samples")), fmt(s["spearman"]), fmt(s["pearson"]), fmt(s.get("spearman_abs", float("nan"))),
                      f"{fmt(s['sign_agreement'])} of {s['n_sign_edges']} edges with |dL| > {s['sign_threshold']:g}"
                      + (f" (W > 0: {fmt(s['sign_agreement_W_pos'])}, W < 0: {fmt(s['sign_agreement_W_neg'])})"
@@ -42,18 +42,19 @@ def validation_blocks(run_dir: Path) -> tuple[list, list[str]]:
                      fmt(s.get("spearman_pooled", float("nan")))])  # fmt: skip
         png = path.parent / str(data.get("figure", path.with_suffix(".png").name))
         if png.is_file():
-            figures.append(Figure(png.read_bytes(), f"{role}, {dataset}, alpha={alpha}: exact zero-ablation loss change dL "
-                                  "(x) vs EAP score W (y) per edge, means over samples; dashed: W = dL.",
-                                  f"fig_validation_{role}_{dataset}_alpha={alpha}.png"))  # fmt: skip
+            figures.append(Figure(png.read_bytes(), f"{role}, {dataset}, alpha={alpha}, objective {objective}: exact "
+                                  "zero-ablation change dL of the objective (x) vs EAP score W (y) per edge, means over "
+                                  "samples; dashed: W = dL.",
+                                  f"fig_validation_{objective}_{role}_{dataset}_alpha={alpha}.png"))  # fmt: skip
     blocks = [Table(header, rows)] + figures if rows else []
     return blocks, bad
 
 
 def intervention_blocks(run_dir: Path) -> tuple[list, list[str]]:
-    header = ["role", "dataset", "alpha", "edges", "factor", "measure", "n", "unmodified", "targeted - unmodified [95% CI]",
+    header = ["objective", "role", "dataset", "alpha", "edges", "factor", "measure", "n", "unmodified", "targeted - unmodified [95% CI]",
               "random - unmodified [95% CI]", "random draws", "targeted - random [95% CI]"]
     rows, bad = [], []
-    for role, dataset, alpha, path in layout.find_interventions(run_dir):
+    for objective, role, dataset, alpha, path in layout.find_interventions(run_dir):
         data = _read(path)
         effects = (data or {}).get("effects")
         if not isinstance(effects, dict):
@@ -61,12 +62,12 @@ def intervention_blocks(run_dir: Path) -> tuple[list, list[str]]:
             continue
         meta = data.get("meta", {})
         edges = f"{meta.get('edges_selector', '?')}, k={len(data.get('targeted_edges', []))}"
-        for metric, unit in (("loss", " nats"), ("accuracy", "")):
+        for metric, unit in (("loss", " nats" if objective == "nll" else " (minus centred logit)"), ("accuracy", "")):
             e = effects.get(metric)
             if not e:
                 continue
             draws = e.get("random_draw_effects") or []
-            rows.append([role, dataset, alpha, edges, f"{data.get('factor'):g}", metric + unit, str(e["n"]), fmt(e["mean_none"]),
+            rows.append([objective, role, dataset, alpha, edges, f"{data.get('factor'):g}", metric + unit, str(e["n"]), fmt(e["mean_none"]),
                          _ci(e.get("targeted_minus_none")), _ci(e.get("random_minus_none")),
                          f"{len(draws)}: {fmt(min(draws))} .. {fmt(max(draws))}" if draws else "",
                          _ci(e.get("targeted_minus_random"))])  # fmt: skip
@@ -82,7 +83,7 @@ def validation_section(ctx) -> list[Section]:
     if val or bad_val:
         text = ("EAP is a first-order estimate of the loss change when an edge is removed. Here each edge was removed "
                 "exactly (zero ablation: destination d receives x_d - O_u, nothing else changes) and the loss change "
-                "dL = L(edge removed) - L(clean) measured (same loss as the attribution: mean NLL of answer_ids[:cut_len]). "
+                "dL = L(edge removed) - L(clean) measured (L: the attribution's objective, named in each row). "
                 "Correlations are over edges of the sample-mean W and dL (pooled: over every (sample, edge) pair); sign "
                 "agreement counts edges whose |dL| exceeds the stated threshold; top-k overlap ranks edges by |value|.")
         if bad_val:
@@ -93,7 +94,7 @@ def validation_section(ctx) -> list[Section]:
                 "removes them) against random real edges (same k and c, several seeded draws). Effects are differences "
                 "to the unmodified model on the same questions with 95% paired-bootstrap CIs over questions; the random "
                 "column averages the draws per question (its CI does not include the draw-to-draw spread, listed in "
-                "'random draws'). Loss: mean NLL of the model's own answer tokens; accuracy: fresh greedy answers "
+                "'random draws'). Loss: the objective of each row on the model's own answer tokens; accuracy: fresh greedy answers "
                 "with the intervention active.")
         if bad_itv:
             text += "\n\nUnreadable files (skipped): " + ", ".join(bad_itv)

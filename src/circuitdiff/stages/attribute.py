@@ -1,9 +1,11 @@
 """Stage `attribute`: the edge scores W of both models on the selected samples (circuitdiff.attribute).
 
-One W file per (role, dataset, alpha): the role's prompt + its own answer cut at T_cut, for the
-selected questions in selection order. Its key holds the attribution settings and the keys of
-its inputs (the role's generations and the selection); an unfinished attribution keeps its
-finished batches in ``alpha={a}.parts/`` and resumes from them.
+One W file per (objective, model, text, dataset, alpha): model `role` reads the prompt + answer of
+`text` (its own by default; config `text: base|tuned|both` adds the same-text views, so that both
+models are scored on identical tokens), cut at T_cut, for the selected questions in selection
+order. Its key holds the attribution settings and the keys of its inputs (the text's generations
+and the selection); an unfinished attribution keeps its finished batches in ``alpha={a}.parts/``
+and resumes from them.
 """
 
 from __future__ import annotations
@@ -12,59 +14,85 @@ import shutil
 
 import numpy as np
 
+from circuitdiff.choices import OBJECTIVES
+from circuitdiff.errors import UserError
 from circuitdiff.store import artifacts, layout
 from circuitdiff.store.keys import read_key, settings_key, up_to_date, write_key
 
 
-def conventions(granularity: str) -> dict:
-    from circuitdiff.attribute import LOSS_CONVENTION, SIGN_CONVENTION
+def conventions(granularity: str, objectives=("nll",), text: str = "own") -> dict:
+    from circuitdiff.attribute import SIGN_CONVENTION, loss_convention
+    from circuitdiff.choices import TEXTS
 
-    return {"granularity": granularity, "loss": LOSS_CONVENTION, "sign": SIGN_CONVENTION,
-            "score_dtype": "float32 (float64 for float64 models)"}
+    return {"granularity": granularity, "objective": {o: loss_convention(o) for o in objectives},
+            "text": f"{text}: {TEXTS[text]}", "sign": SIGN_CONVENTION, "score_dtype": "float32 (float64 for float64 models)"}
 
 
-def inputs(ctx, role: str, ds, alpha: float) -> dict:
+def inputs(ctx, role: str, text: str, ds, alpha: float, objective: str) -> dict:
     """The attribution settings and input keys of one W file."""
     cfg = ctx.config
     return {
         "settings": {"granularity": cfg.granularity, "dtype": cfg.dtype, "model": getattr(cfg, role).spec,
-                     "attn_implementation": cfg.attn_implementation},
+                     "attn_implementation": cfg.attn_implementation, "objective": objective, "text": text},
         "selection": read_key(layout.selection(ctx.run, ds.key, alpha)),
-        "generation": artifacts.generation_key(ctx.run, role, ds.key),
+        "generation": artifacts.generation_key(ctx.run, text, ds.key),
     }
 
 
 def stage(ctx) -> None:
+    views = ctx.config.views()
     for role in ("tuned", "base"):  # tuned first: it is often the model still loaded
-        for ds in ctx.config.datasets:
-            for alpha in ctx.config.alphas:
-                attribute_one(ctx, role, ds, alpha)
+        for objective in ctx.config.objective:
+            for model, text in views:
+                if model != role:
+                    continue
+                for ds in ctx.config.datasets:
+                    for alpha in ctx.config.alphas:
+                        attribute_one(ctx, role, text, ds, alpha, objective)
 
 
-def attribute_one(ctx, role: str, ds, alpha: float) -> None:
+def attribute_one(ctx, role: str, text: str, ds, alpha: float, objective: str = "nll") -> None:
     from circuitdiff.attribute import attribute
 
     cfg = ctx.config
-    record = inputs(ctx, role, ds, alpha)
+    record = inputs(ctx, role, text, ds, alpha, objective)
     key = settings_key(record)
-    out = layout.attribution(ctx.run, role, ds.key, alpha)
+    out = layout.attribution(ctx.run, role, ds.key, alpha, text, objective)
+    name = f"attribute {layout.view(role, text)} {ds.key} alpha={alpha} objective={objective}"
     if up_to_date(out, key, ctx.log):
-        ctx.log(f"attribute {role} {ds.key} alpha={alpha}: up to date ({out})")
+        ctx.log(f"{name}: up to date ({out})")
         return
-    samples, where = artifacts.selected_samples(ctx.run, role, ds.key, alpha)
+    samples, where = artifacts.selected_samples(ctx.run, text, ds.key, alpha)
+    if text != role:
+        _check_same_tokens(ctx, role, text, ds, where["idx"])
     sel = artifacts.read_selection(ctx.run, ds.key, alpha)
-    parts = layout.attribution_parts(ctx.run, role, ds.key, alpha)
-    ctx.log(f"attribute {role} {ds.key} alpha={alpha}: {len(samples)} samples, T_cut={where['T_cut']}, "
-            f"granularity={cfg.granularity}")
+    parts = layout.attribution_parts(ctx.run, role, ds.key, alpha, text, objective)
+    ctx.log(f"{name}: {len(samples)} samples, T_cut={where['T_cut']}, granularity={cfg.granularity}")
     result = attribute(ctx.models.get(role), samples, granularity=cfg.granularity, batch_size=cfg.attr_batch_size,
-                       gradient_checkpointing=cfg.gradient_checkpointing, work_dir=parts, progress=ctx.progress)
-    result.meta.update({"role": role, "dataset": ds.key, "alpha": alpha, "idx": where["idx"],
+                       gradient_checkpointing=cfg.gradient_checkpointing, objective=objective, work_dir=parts,
+                       progress=ctx.progress)
+    result.meta.update({"role": role, "text": text, "dataset": ds.key, "alpha": alpha, "idx": where["idx"],
                         "T_cut": where["T_cut"], "T_bar": sel["T_bar"], "selection": sel["settings"]})
     result.save(out)
     write_key(out, key, record)
     shutil.rmtree(parts, ignore_errors=True)
     mean_abs = float(np.abs(result.scores).mean())
-    ctx.log(f"attribute {role} {ds.key} alpha={alpha}: wrote {out}; mean |W| over all "
-            f"{result.scores.shape[1]}x{result.scores.shape[2]} entries = {mean_abs:.4g}, mean loss "
-            f"{float(result.loss.mean()):.4f} (granularity={cfg.granularity}, loss: mean NLL of the "
-            f"first T_cut={where['T_cut']} answer tokens)")
+    ctx.log(f"{name}: wrote {out}; mean |W| over all {result.scores.shape[1]}x{result.scores.shape[2]} entries = "
+            f"{mean_abs:.4g}, mean objective {float(result.loss.mean()):.4f} (granularity={cfg.granularity}; "
+            f"{OBJECTIVES[objective]}, first T_cut={where['T_cut']} tokens of the {text} model's answers)")
+
+
+def _check_same_tokens(ctx, role: str, text: str, ds, idx: list) -> None:
+    """Scoring one model on the other's tokens needs one tokenizer: the two prompts of a question must be the
+    same ids when both models use the same prompt preset, and every id must be inside the model's vocabulary."""
+    rows = {r: {row["idx"]: row for row in artifacts.read_generations(ctx.run, r, ds.key)} for r in (role, text)}
+    if ctx.config.prompt_for(role) == ctx.config.prompt_for(text):
+        differ = [i for i in idx if rows[role][i]["prompt_ids"] != rows[text][i]["prompt_ids"]]
+        if differ:
+            raise UserError(f"text: {text}: the {role} and {text} models encode question {differ[0]} differently "
+                            "(different tokenizers); same-text scoring needs one tokenizer: use text: own")
+    vocab = ctx.models.get(role).model.get_input_embeddings().weight.shape[0]
+    top = max(max(rows[text][i]["prompt_ids"] + rows[text][i]["answer_ids"]) for i in idx)
+    if top >= vocab:
+        raise UserError(f"text: {text}: token id {top} of the {text} model's answers is outside the {role} model's "
+                        f"vocabulary ({vocab}); same-text scoring needs one tokenizer: use text: own")

@@ -30,23 +30,24 @@ def label(settings: InterventionConfig) -> str:
 
 
 def choose_targeted(run: Path, role: str, dataset: str, alpha: float, selector: str, k: int,
-                    graph_of) -> tuple[list, str, str]:
+                    graph_of, objective: str = "nll") -> tuple[list, str, str]:
     """(edges, how, granularity): the selector applied to the run's attribution files.
 
     graph_of(granularity) -> the model's Graph; the attribution files must match it. A list of
     edges is read at the granularity of the role's attribution file when there is one, else block.
     """
     roles = selector_roles(selector, role)
-    attrs = {r: artifacts.Attribution.load(layout.attribution(run, r, dataset, alpha)) for r in roles}
+    attrs = {r: artifacts.Attribution.load(layout.attribution(run, r, dataset, alpha, objective=objective))
+             for r in roles}
     if attrs:
         granularity = attrs[roles[0]].granularity
     else:
-        own = layout.attribution(run, role, dataset, alpha)
+        own = layout.attribution(run, role, dataset, alpha, objective=objective)
         granularity = artifacts.Attribution.load(own).granularity if own.exists() else "block"
     graph: Graph = graph_of(granularity)
     for r, attr in attrs.items():
         if attr.src_names != graph.src_names or attr.dst_names != graph.dst_names:
-            raise UserError(f"{layout.attribution(run, r, dataset, alpha)}: its nodes do not match the {role} model "
+            raise UserError(f"{layout.attribution(run, r, dataset, alpha, objective=objective)}: its nodes do not match the {role} model "
                             f"at granularity {granularity}; re-run attribution")
     edges, how = targeted_edges(selector, k, role, attrs, graph)
     return edges, how, granularity
@@ -60,7 +61,7 @@ def inputs(run: Path, dataset: str, alpha: float, settings: InterventionConfig, 
         "dataset": dataset, "alpha": alpha, "model": spec, "dtype": dtype,
         "generation": artifacts.generation_key(run, role, dataset),
         "selection": read_key(layout.selection(run, dataset, alpha)),
-        "attribution": {r: read_key(layout.attribution(run, r, dataset, alpha))
+        "attribution": {r: read_key(layout.attribution(run, r, dataset, alpha, objective=settings.objective))
                         for r in selector_roles(settings.edges, role)},
     }  # fmt: skip
 
@@ -84,7 +85,8 @@ def intervene_one(run: str | Path, dataset: str, alpha: float, settings: Interve
     questions, samples = artifacts.answered_questions(run, role, dataset, T_cut, settings.n_questions)
     record = inputs(run, dataset, alpha, settings, spec, dtype, max_new_tokens)
     key = settings_key(record)
-    path = Path(out) if out is not None else layout.intervention(run, role, dataset, alpha, label(settings))
+    path = Path(out) if out is not None else layout.intervention(run, role, dataset, alpha, label(settings),
+                                                                  settings.objective)
     if up_to_date(path, key, log):
         result = Intervention.from_json(artifacts.read_result(path))
         log(f"intervene {role} {dataset} alpha={alpha}: up to date ({path}); {summary_line(result)}")
@@ -108,7 +110,7 @@ def _measure(run, role, dataset, alpha, settings, spec, dtype, device, max_new_t
     loaded = get_model() if get_model is not None else load_model(spec, dtype, device, tokenizer=settings.accuracy)
     hf, tok = loaded.model, loaded.tokenizer
     targeted, how, granularity = choose_targeted(run, role, dataset, alpha, settings.edges, settings.k,
-                                                 lambda g: ModelNodes(hf, g).graph)
+                                                 lambda g: ModelNodes(hf, g).graph, settings.objective)
     # pair the loss and the accuracy on the same questions: keep only questions with a loss sample
     with_loss = {s["idx"] for s in samples}
     questions = [q for q in questions if q["idx"] in with_loss] if settings.accuracy else []
@@ -118,7 +120,7 @@ def _measure(run, role, dataset, alpha, settings, spec, dtype, device, max_new_t
         eos_ids=eos_token_ids(hf, tok) if settings.accuracy else None, pad_id=getattr(tok, "pad_token_id", None),
         decode=(lambda ids: tok.decode(ids, skip_special_tokens=True)) if settings.accuracy else None,
         max_new_tokens=max_new_tokens, gen_batch_size=settings.gen_batch_size,
-        loss_batch_size=settings.loss_batch_size, progress=progress,
+        loss_batch_size=settings.loss_batch_size, objective=settings.objective, progress=progress,
     )
     result.meta.update({"run": str(run), "role": role, "dataset": dataset, "alpha": alpha, "model": spec,
                         "edges_selector": settings.edges, "edges_chosen": how, "k": len(targeted),

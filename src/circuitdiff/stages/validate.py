@@ -43,14 +43,15 @@ def validate_one(run: str | Path, role: str, dataset: str, alpha: float, setting
     dtype = dtype or run_dtype
     record = inputs(run, role, dataset, alpha, settings, spec, dtype)
     key = settings_key(record)
-    path = Path(out) if out is not None else layout.validation(run, role, dataset, alpha)
+    path = Path(out) if out is not None else layout.validation(run, role, dataset, alpha, settings.objective)
     if up_to_date(path, key, log):
         result = Validation.load(path)
         log(f"validate {role} {dataset} alpha={alpha}: up to date ({path}); {summary_line(result)}")
         return result
     result = validate(spec if get_model is None else get_model(), samples, granularity=settings.granularity,
                       max_edges=settings.max_edges, seed=settings.seed, batch_size=settings.batch_size, dtype=dtype,
-                      device=device, sign_threshold=settings.sign_threshold, progress=progress)
+                      device=device, sign_threshold=settings.sign_threshold, objective=settings.objective,
+                      progress=progress)
     result.meta.update({**where, "run": str(run), "role": role, "dataset": dataset, "alpha": alpha})
     result.save(path, layout.validation_figure(path))
     write_key(path, key, record)

@@ -5,10 +5,10 @@
       generations/{role}/{dataset}.jsonl               one row per question (appended per batch)
       generations/{role}/{dataset}.meta.json           generation settings + key, grader version, accuracy
       selection/{dataset}/alpha={a}.json               chosen idx, T_bar, T_cut, filter counts
-      attribution/{role}/{dataset}/alpha={a}.npz       W (same keys as `circuitdiff attribute`)
-      attribution/{role}/{dataset}/alpha={a}.parts/    finished batches of an unfinished attribution
-      validation/{role}/{dataset}/alpha={a}.json|.png  EAP vs exact ablation
-      intervention/{role}/{dataset}/alpha={a}/{label}.json   edge interventions
+      attribution/{objective}/{view}/{dataset}/alpha={a}.npz   W (same keys as `circuitdiff attribute`)
+      attribution/{objective}/{view}/{dataset}/alpha={a}.parts/  finished batches of an unfinished one
+      validation/{objective}/{role}/{dataset}/alpha={a}.json|.png  EAP vs exact ablation
+      intervention/{objective}/{role}/{dataset}/alpha={a}/{label}.json   edge interventions
       report/                                          metrics.csv, table.md, figures, report.html
       features/                                        (reserved: feature-level diffing)
       shards/{stage}/                                  (reserved: work split over workers)
@@ -29,7 +29,10 @@
       final/                                           the last adapter
       dpo_pairs.jsonl                                  dpo: the pairs built from the base's samples
 
-role is "base" or "tuned"; dataset is the dataset name, with "_{split}" when the split is not "test".
+role is "base" or "tuned"; dataset is the dataset name, with "_{split}" when the split is not "test";
+objective is "nll" or "logit"; view is the scored model's role when it reads its own answers, and
+"{model}-on-{text}" when it reads the other model's ("tuned-on-base": the tuned model scored on the
+base model's tokens).
 """
 
 from __future__ import annotations
@@ -88,16 +91,31 @@ def selection(run: Path, dataset: str, alpha: float) -> Path:
     return Path(run) / "selection" / dataset / f"{alpha_tag(alpha)}.json"
 
 
-def attribution(run: Path, role: str, dataset: str, alpha: float) -> Path:
-    return Path(run) / "attribution" / role / dataset / f"{alpha_tag(alpha)}.npz"
+def view(model: str, text: str | None = None) -> str:
+    """"base", "tuned", or "tuned-on-base" (a model scored on the other model's answers)."""
+    return model if text in (None, model) else f"{model}-on-{text}"
 
 
-def attribution_parts(run: Path, role: str, dataset: str, alpha: float) -> Path:
-    return Path(run) / "attribution" / role / dataset / f"{alpha_tag(alpha)}.parts"
+def parse_view(name: str) -> tuple[str, str] | None:
+    """"tuned-on-base" -> ("tuned", "base"); "base" -> ("base", "base"); None for anything else."""
+    model, _, text = name.partition("-on-")
+    text = text or model
+    return (model, text) if model in ROLES and text in ROLES else None
 
 
-def validation(run: Path, role: str, dataset: str, alpha: float) -> Path:
-    return Path(run) / "validation" / role / dataset / f"{alpha_tag(alpha)}.json"
+def attribution(run: Path, role: str, dataset: str, alpha: float, text: str | None = None,
+                objective: str = "nll") -> Path:
+    """The W file of model `role` scored on the answers of `text` (default: its own) with `objective`."""
+    return Path(run) / "attribution" / objective / view(role, text) / dataset / f"{alpha_tag(alpha)}.npz"
+
+
+def attribution_parts(run: Path, role: str, dataset: str, alpha: float, text: str | None = None,
+                      objective: str = "nll") -> Path:
+    return attribution(run, role, dataset, alpha, text, objective).with_suffix(".parts")
+
+
+def validation(run: Path, role: str, dataset: str, alpha: float, objective: str = "nll") -> Path:
+    return Path(run) / "validation" / objective / role / dataset / f"{alpha_tag(alpha)}.json"
 
 
 def validation_figure(json_path: Path) -> Path:
@@ -105,8 +123,8 @@ def validation_figure(json_path: Path) -> Path:
     return Path(json_path).with_suffix(".png")
 
 
-def intervention(run: Path, role: str, dataset: str, alpha: float, label: str) -> Path:
-    return Path(run) / "intervention" / role / dataset / alpha_tag(alpha) / f"{label}.json"
+def intervention(run: Path, role: str, dataset: str, alpha: float, label: str, objective: str = "nll") -> Path:
+    return Path(run) / "intervention" / objective / role / dataset / alpha_tag(alpha) / f"{label}.json"
 
 
 def attribution_batch(parts: Path, number: int, key: str) -> Path:
@@ -157,34 +175,33 @@ def find_generations(run: Path, role: str) -> dict[str, Path]:
     return {p.stem: p for p in sorted((Path(run) / "generations" / role).glob("*.jsonl"))}
 
 
-def find_attributions(run: Path) -> dict[tuple[str, str], dict[str, Path]]:
-    """(dataset, alpha label) -> {role: W file} for every attribution file in the run."""
-    found: dict[tuple[str, str], dict[str, Path]] = {}
-    for role in ROLES:
-        for path in sorted((Path(run) / "attribution" / role).glob("*/alpha=*.npz")):
-            alpha = alpha_label(path.name)
-            if alpha is not None:
-                found.setdefault((path.parent.name, alpha), {})[role] = path
+def find_attributions(run: Path) -> dict[tuple[str, str, str], dict[tuple[str, str], Path]]:
+    """(objective, dataset, alpha label) -> {(model, text): W file} for every attribution file in the run."""
+    found: dict[tuple[str, str, str], dict[tuple[str, str], Path]] = {}
+    for path in sorted((Path(run) / "attribution").glob("*/*/*/alpha=*.npz")):
+        alpha, scored = alpha_label(path.name), parse_view(path.parent.parent.name)
+        if alpha is not None and scored is not None:
+            found.setdefault((path.parent.parent.parent.name, path.parent.name, alpha), {})[scored] = path
     return found
 
 
-def find_validations(run: Path) -> list[tuple[str, str, str, Path]]:
-    """(role, dataset, alpha label, JSON path) of every validation result."""
+def find_validations(run: Path) -> list[tuple[str, str, str, str, Path]]:
+    """(objective, role, dataset, alpha label, JSON path) of every validation result."""
     out = []
-    for path in sorted((Path(run) / "validation").glob("*/*/alpha=*.json")):
+    for path in sorted((Path(run) / "validation").glob("*/*/*/alpha=*.json")):
         alpha = alpha_label(path.name)
         if alpha is not None:
-            out.append((path.parent.parent.name, path.parent.name, alpha, path))
+            out.append((path.parents[2].name, path.parents[1].name, path.parent.name, alpha, path))
     return out
 
 
-def find_interventions(run: Path) -> list[tuple[str, str, str, Path]]:
-    """(role, dataset, alpha label, JSON path) of every intervention result."""
+def find_interventions(run: Path) -> list[tuple[str, str, str, str, Path]]:
+    """(objective, role, dataset, alpha label, JSON path) of every intervention result."""
     out = []
-    for path in sorted((Path(run) / "intervention").glob("*/*/alpha=*/*.json")):
+    for path in sorted((Path(run) / "intervention").glob("*/*/*/alpha=*/*.json")):
         alpha = alpha_label(path.parent.name)
         if alpha is not None:
-            out.append((path.parent.parent.parent.name, path.parent.parent.name, alpha, path))
+            out.append((path.parents[3].name, path.parents[2].name, path.parents[1].name, alpha, path))
     return out
 
 
