@@ -53,7 +53,7 @@ def node_entropy_rows(results: list[PairResult], settings: Settings) -> list[dic
                 "tuned": c.tuned, "tuned_ci_low": c.tuned_ci[0], "tuned_ci_high": c.tuned_ci[1],
                 "diff": c.diff, "diff_ci_low": c.diff_ci[0], "diff_ci_high": c.diff_ci[1], "p_perm": c.p_perm,
                 "granularity": r.granularity, "log_base": settings.log_base, "eps": settings.eps,
-                "n_samples": c.n_samples, "n_boot": c.n_boot, "seed": settings.seed, "loss": r.loss_label,
+                "n_samples": c.n_samples, "n_boot": c.n_boot, "seed": settings.seed,
             })  # fmt: skip
     return rows
 
@@ -73,7 +73,7 @@ def edge_change_rows(results: list[PairResult], settings: Settings) -> list[dict
                             "rel_change": rel[i, j], "granularity": r.granularity,
                             "aggregation": "heads summed" if r.aggregated else "none",
                             "entries_for_unit": settings.entries[0] if scale == "unit" else "",
-                            "n_samples": r.n_samples, "loss": r.loss_label,
+                            "n_samples": r.n_samples,
                         })  # fmt: skip
     return rows
 
