@@ -9,6 +9,7 @@ every finished batch is kept on disk, so a killed run resumes where it stopped.
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -21,14 +22,15 @@ from circuitdiff.engine import EdgeAttributor, input_device, make_batch, pad_id_
 from circuitdiff.errors import UserError
 from circuitdiff.graph import GRANULARITIES
 from circuitdiff.models import LoadedModel, resolve_model
-from circuitdiff.samples import as_samples
+from circuitdiff.samples import as_samples, check_vocabulary
 from circuitdiff.store import layout
 from circuitdiff.store.artifacts import Attribution
 from circuitdiff.store.keys import settings_key
 
 __all__ = ["Attribution", "LOSS_CONVENTION", "SIGN_CONVENTION", "attribute", "loss_convention"]
 
-LOSS_CONVENTION = "mean NLL of the model's own answer tokens answer_ids[:cut_len] given the prompt; summed over samples"
+LOSS_CONVENTION = ("mean NLL of the answer tokens answer_ids[:cut_len] given the prompt (the scored model's own answers "
+                   "unless meta.text names the other model's); summed over samples")
 
 
 def loss_convention(objective: str) -> str:
@@ -49,12 +51,14 @@ def attribute(
     objective: str = "nll",
     work_dir: str | Path | None = None,
     progress: bool = False,
+    log=None,
 ) -> Attribution:
     """Edge scores for every sample: one forward + one backward per batch of `batch_size`.
 
     `model`: a spec for `load_model` (loaded in `dtype` on `device`), a LoadedModel, or a
     Hugging Face causal LM already loaded. `work_dir`: keep each finished batch there
-    and reuse it on a rerun with the same model, samples and settings.
+    and reuse it on a rerun with the same model, samples and settings; a damaged batch file is
+    discarded and recomputed (`log` says so).
     """
     if granularity not in GRANULARITIES:
         raise UserError(f"granularity {granularity!r} is unknown; use one of {', '.join(GRANULARITIES)}")
@@ -63,6 +67,7 @@ def attribute(
     samples = as_samples(samples)
     spec, model, hf_model = resolve_model(model, dtype, device)
 
+    check_vocabulary(samples, hf_model.get_input_embeddings().weight.shape[0])
     engine = EdgeAttributor(hf_model, granularity, gradient_checkpointing, objective)
     device_in, pad_id = input_device(hf_model), pad_id_of(hf_model)
     # longest first: similar lengths share a batch, and a memory error shows up at once
@@ -76,9 +81,9 @@ def attribute(
     losses = np.zeros(len(samples), dtype=scores.dtype)
     for number, rows in enumerate(tqdm(batches, desc=f"attribute ({granularity})", disable=not progress, unit="batch")):
         part = layout.attribution_batch(work, number, key) if work is not None else None
-        if part is not None and part.exists():
-            with np.load(part) as done:
-                W, loss = done["scores"], done["loss"]
+        kept = _read_part(part, len(rows), log) if part is not None and part.exists() else None
+        if kept is not None:
+            W, loss = kept
         else:
             W_t, loss_t = engine.scores(make_batch([samples[i] for i in rows], pad_id, device_in))
             W, loss = W_t.numpy(), loss_t.numpy()
@@ -114,6 +119,21 @@ def attribute(
         loss=losses,
         meta=meta,
     )
+
+
+def _read_part(path: Path, n_rows: int, log) -> tuple[np.ndarray, np.ndarray] | None:
+    """A finished batch's (W, loss), or None when the file is damaged (then it is deleted and recomputed)."""
+    try:
+        with np.load(path, allow_pickle=False) as done:
+            W, loss = np.asarray(done["scores"]), np.asarray(done["loss"])
+        if W.ndim == 3 and len(W) == len(loss) == n_rows and np.isfinite(W).all():
+            return W, loss
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+        pass
+    if log is not None:
+        log(f"{path} is damaged; recomputing that batch")
+    path.unlink(missing_ok=True)
+    return None
 
 
 def _parts_key(model, spec, granularity, samples, batch_size, objective) -> str:

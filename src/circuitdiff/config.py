@@ -152,6 +152,8 @@ class RunConfig(_Strict):
     gen_batch_size: int = Field(16, gt=0)
     attr_batch_size: int = Field(1, gt=0)
     gradient_checkpointing: bool = False
+    allow_different_tokenizers: bool = Field(False, description="compare models whose tokenizers differ (token "
+                                                                 "counts then mean different things)")
     validation: ValidationConfig | None = Field(None, description="run the validation stage after attribution")
     intervention: InterventionConfig | None = Field(None, description="run the intervention stage after validation")
 

@@ -195,6 +195,7 @@ def intervene(
     loss_batch_size: int = 8,
     n_boot: int = 10000,
     objective: str = "nll",
+    truncated_rule: str = "strict",
     progress: bool = False,
 ) -> Intervention:
     """Scale `targeted` edges by `factor` in `model` (a Hugging Face causal LM) and measure the effects.
@@ -248,7 +249,7 @@ def intervene(
                                            max_new_tokens=max_new_tokens, batch_size=gen_batch_size)
                 answers[name] = [g.answer_ids for g in gens]
                 correct[name] = np.array([float(grade(decode(g.answer_ids), q["gold"], q.get("kind", "numeric"),
-                                                      finished=g.stop == "eos").correct)
+                                                      finished=g.stop == "eos", truncated_rule=truncated_rule).correct)
                                           for g, q in zip(gens, questions)])
             timings["seconds_generate"] = round(time.perf_counter() - t0, 3)
     finally:
@@ -268,7 +269,7 @@ def intervene(
                 "random": [table[f"random{j}"].tolist() for j in range(len(random))]}
 
     meta = {"n_loss_samples": len(loss_samples or []), "n_questions": len(questions or []), "seed": seed,
-            "objective": objective,
+            "objective": objective, "truncated_rule": truncated_rule,
             "max_new_tokens": max_new_tokens, "model_type": model.config.model_type,
             "model_dtype": str(next(model.parameters()).dtype).replace("torch.", ""), **timings}
     result = Intervention(targeted, random, float(factor), granularity, lists(loss), lists(correct), effects, meta)

@@ -3,7 +3,10 @@
 Every stage writes through these helpers: the data goes to a temporary file in
 the same directory, is flushed to disk, then renamed over the target. A run
 killed mid-write therefore leaves either the old file or the new one, never a
-truncated one, and a resumed run can trust any file it finds.
+truncated one. Files can still be damaged from outside (a full disk, an editor, a
+copy cut short): the readers say which file and line, in one UserError line
+(`DamagedFile`), instead of a traceback or a silently shorter table. The one damage
+a kill can leave, a cut-off LAST line of an appended JSONL, is expected and ignored.
 """
 
 from __future__ import annotations
@@ -15,6 +18,12 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
+
+from circuitdiff.errors import UserError
+
+
+class DamagedFile(UserError):
+    """A file circuitdiff wrote earlier cannot be read back as what it should be."""
 
 
 def _umask() -> int:
@@ -77,8 +86,13 @@ def write_npz(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """A JSON file; a damaged one (cut off, overwritten, not UTF-8) is a DamagedFile naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DamagedFile(f"{path} is not valid JSON ({str(err).splitlines()[0]}): the file is damaged; delete it and "
+                          "run the command again to rebuild it") from None
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -92,9 +106,12 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[dict]:
             if not line:
                 continue
             try:
-                yield json.loads(line)
+                row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg}); fix or remove that line") from None
+                raise DamagedFile(f"{path} line {number}: not valid JSON ({err.msg}); fix or remove that line") from None
+            if not isinstance(row, dict):
+                raise DamagedFile(f"{path} line {number}: not a JSON object; fix or remove that line")
+            yield row
 
 
 def append_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
@@ -108,20 +125,40 @@ def append_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
         os.fsync(f.fileno())
 
 
-def read_jsonl_tolerant(path: str | os.PathLike) -> list[dict]:
-    """Rows of a file written by `append_jsonl`; an unfinished last line is ignored."""
+def read_jsonl_rows(path: str | os.PathLike) -> tuple[list[dict], int | None]:
+    """(rows, first damaged line) of a file written by `append_jsonl`.
+
+    The rows are those before the first damaged line (None: no damage). A last line without its
+    newline is what a kill mid-append leaves: it is dropped and is not damage. Any other line that
+    is not a JSON object (bad bytes, cut in the middle of the file, a number) is damage.
+    """
     path = Path(path)
     if not path.exists():
-        return []
+        return [], None
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    lines.pop()  # after the last newline: b"" when the file ends cleanly, else a line cut off by a kill
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.endswith("\n"):
-                break
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return rows, number
+        if not isinstance(row, dict):
+            return rows, number
+        rows.append(row)
+    return rows, None
+
+
+def read_jsonl_tolerant(path: str | os.PathLike) -> list[dict]:
+    """Rows of a file written by `append_jsonl`: a cut-off last line is ignored, any other damage is a
+    DamagedFile naming the file and the line (never a silently shorter table)."""
+    rows, damaged = read_jsonl_rows(path)
+    if damaged is not None:
+        raise DamagedFile(f"{path} line {damaged} is damaged (not a JSON object); the rows after it cannot be trusted: "
+                          "restore the file, or delete it from that line on and rerun the stage that wrote it")
     return rows
 
 

@@ -30,6 +30,7 @@ ENTRIES = ("all", "edges")
 LOG_BASES = {"e": math.e, "2": 2.0, "10": 10.0}
 
 METRICS = ("activation_intensity", "information_complexity", "distribution_kurtosis", "diversity")
+SCALE_FREE = ("distribution_kurtosis", "diversity")  # unchanged when a sample's W is multiplied by a constant
 SCALED_METRICS = {  # the metrics reported on each scale (unit intensity is 1 by construction)
     "unit": ("information_complexity", "distribution_kurtosis", "diversity"),
     "raw": METRICS,

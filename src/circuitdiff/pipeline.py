@@ -16,6 +16,7 @@ memory (`ModelSlot`), the log and the problems.
 from __future__ import annotations
 
 import gc
+import os
 import platform
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from typing import Callable
 from circuitdiff.config import RunConfig, load_config
 from circuitdiff.data import Problem, load_problems
 from circuitdiff.errors import UserError
-from circuitdiff.io import read_json, write_json
+from circuitdiff.io import DamagedFile, read_json, write_json
 from circuitdiff.store import artifacts, layout
 
 PACKAGES = ("circuitdiff", "torch", "transformers", "accelerate", "numpy", "scipy", "math-verify",
@@ -106,7 +107,7 @@ class RunContext:
 
     def update_manifest(self, *path: str, value) -> None:
         target = layout.manifest(self.run)
-        data = read_json(target) if target.exists() else {}
+        data = _read_manifest(target, self.log)
         node = data
         for part in path[:-1]:
             node = node.setdefault(part, {})
@@ -128,7 +129,7 @@ def write_manifest(ctx: RunContext) -> None:
 
     cfg = ctx.config
     target = layout.manifest(ctx.run)
-    data = read_json(target) if target.exists() else {}
+    data = _read_manifest(target, ctx.log)
     data.update({
         "circuitdiff_git": _git_commit(),
         "python": sys.version.split()[0],
@@ -152,6 +153,18 @@ def write_manifest(ctx: RunContext) -> None:
     data.setdefault("started", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     data["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     write_json(target, data)
+
+
+def _read_manifest(path: Path, log) -> dict:
+    """The manifest so far; a damaged one is started afresh (it records, it does not decide), with a line."""
+    if not path.exists():
+        return {}
+    try:
+        data = read_json(path)
+    except DamagedFile:
+        log(f"{path} is damaged; writing a new manifest")
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _versions() -> dict:
@@ -188,10 +201,34 @@ def stage_functions() -> dict[str, Callable[[RunContext], None]]:
             "validation": validate.stage, "intervention": intervene.stage}
 
 
+def check_before_work(ctx: RunContext) -> None:
+    """Both models can be found, the device exists, the run directory is writable, and the two tokenizers agree
+    (else `allow_different_tokenizers`): before a single answer is generated."""
+    from circuitdiff.models.checks import check_device, check_spec, tokenizer_difference, tokenizer_for
+
+    cfg = ctx.config
+    if cfg.device != "auto":
+        check_device(cfg.device)
+    for role in layout.ROLES:
+        check_spec(getattr(cfg, role).spec, getattr(cfg, role).trust_remote_code)
+    if cfg.base.spec != cfg.tuned.spec and not cfg.allow_different_tokenizers:
+        why = tokenizer_difference(*(tokenizer_for(getattr(cfg, r).spec, getattr(cfg, r).trust_remote_code)
+                                     for r in layout.ROLES))
+        if why:
+            raise UserError(f"the base and tuned tokenizers differ ({why}): answer lengths and same-text scoring "
+                            "would compare different units; set allow_different_tokenizers: true to compare anyway")
+    try:
+        ctx.run.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create the run directory {ctx.run} ({err.strerror}); choose another --out") from None
+    if not os.access(ctx.run, os.W_OK):
+        raise UserError(f"the run directory {ctx.run} is not writable; choose another --out")
+
+
 def run_stages(ctx: RunContext, until: str = "intervention") -> Path:
     if until not in STAGES:
         raise UserError(f"stage {until!r} is unknown; use one of {', '.join(STAGES)}")
-    ctx.run.mkdir(parents=True, exist_ok=True)
+    check_before_work(ctx)
     write_manifest(ctx)
     functions, last = stage_functions(), None
     for name in STAGES[: STAGES.index(until) + 1]:

@@ -82,7 +82,8 @@ CONVENTIONS = {
     "length_rule.authors": "beta*T_bar <= (T_base + T_tuned)/2 <= gamma*T_bar",
     "delta": "|T_base - T_tuned| / ((T_base + T_tuned)/2) < delta",
     "cut_rule.paper": "T_cut = max(floor(alpha*T_bar + 0.5), 1) (round half up)",
-    "cut_rule.authors": "T_cut = max(int(alpha*min(mean_base_len, mean_tuned_len)), 1), means over both-correct",
+    "cut_rule.authors": "T_cut = max(int(alpha*min(mean_base_len, mean_tuned_len)), 1), means over the both-correct "
+                        "(and finished) questions",
     "cut_filter": "both answers hold at least T_cut tokens",
     "draw": "random.Random(seed).sample(survivors in idx order, min(N, survivors))",
 }

@@ -135,6 +135,11 @@ class Validation:
         return json_path, png_path
 
 
+def units(objective: str = "nll") -> str:
+    """The unit of the objective and of its changes: nats for nll, logits for logit."""
+    return "nats" if objective == "nll" else "logits"
+
+
 def conventions(sign_threshold: float = DEFAULT_SIGN_THRESHOLD, objective: str = "nll") -> dict:
     return {
         "ablation": ABLATION_CONVENTION,
@@ -142,7 +147,7 @@ def conventions(sign_threshold: float = DEFAULT_SIGN_THRESHOLD, objective: str =
         "eap": EAP_CONVENTION,
         "correlations": "Spearman and Pearson over the chosen edges of the sample-mean dL and sample-mean W "
                         "(*_pooled: over every (sample, edge) pair; *_per_sample: over edges, one value per sample)",
-        "sign_agreement": f"fraction of edges with sign(W_mean) == sign(dL_mean) among edges with |dL_mean| > {sign_threshold:g} nats "
+        "sign_agreement": f"fraction of edges with sign(W_mean) == sign(dL_mean) among edges with |dL_mean| > {sign_threshold:g} {units(objective)} "
                           "(_W_pos / _W_neg: among those with W > 0 / W < 0)",
         "topk_overlap": "|top-k edges by |W_mean| and top-k by |dL_mean|| / k, for k = 10 and k = ceil(5% of the chosen edges)",
     }  # fmt: skip
@@ -277,7 +282,8 @@ def scatter_png(result: Validation) -> bytes:
         f"top-10 overlap {s['top10_overlap']:.2f}",
         fontsize=9,
     )
-    ax.set_xlabel(f"exact dL = L(edge removed) - L(clean) [nats], mean over samples (zero ablation)\n"
+    ax.set_xlabel(f"exact dL = L(edge removed) - L(clean) [{units(result.meta.get('objective', 'nll'))}], mean over "
+                  "samples (zero ablation)\n"
                   f"symlog axes: linear within +-{linthresh:.0e}", fontsize=8)
     ax.set_ylabel("EAP W = -<dL/dx_d, O_u>, mean over samples", fontsize=8)
     ax.legend(fontsize=7, loc="upper left")
@@ -293,7 +299,8 @@ def summary_line(result: Validation) -> str:
         f"{len(result.edges)} edges ({s['edges_chosen']}), granularity={result.granularity}, {result.dL.shape[0]} samples; "
         f"over edges, sample-mean EAP W vs exact zero-ablation dL: Spearman {s['spearman']:.4f}, Pearson {s['pearson']:.4f}, "
         f"Spearman of |.| {s['spearman_abs']:.4f}; sign agreement {s['sign_agreement']:.4f} over the {s['n_sign_edges']} "
-        f"edges with |dL| > {s['sign_threshold']:g} nats ({s['sign_agreement_W_pos']:.4f} of the {s['n_W_pos']} with W > 0, "
+        f"edges with |dL| > {s['sign_threshold']:g} {units(result.meta.get('objective', 'nll'))} "
+        f"({s['sign_agreement_W_pos']:.4f} of the {s['n_W_pos']} with W > 0, "
         f"{s['sign_agreement_W_neg']:.4f} of the {s['n_W_neg']} with W < 0; dL > 0 for {s['fraction_dL_positive']:.4f} "
         f"of all); top-10 overlap {s['top10_overlap']:.2f}, "
         f"top-{s['top5pct_k']} (5%) overlap {s['top5pct_overlap']:.2f}; pooled over (sample, edge): Spearman "

@@ -26,7 +26,7 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     options.add_dtype_device(p, dtype_default=None)
     p.add_argument("--gen-batch-size", type=int, default=16)
-    p.add_argument("--out", help="output directory (default RUN_DIR/intervention/{role}/{dataset}/alpha={a}/)")
+    p.add_argument("--out", help="output directory (default RUN_DIR/intervention/{objective}/{role}/{dataset}/alpha={a}/)")
     p.set_defaults(func=run)
 
 

@@ -63,7 +63,7 @@ def run(args) -> int:
         from circuitdiff.lab.settings import TrackSettings
 
         callbacks.append(TrackCallback(TrackSettings(dataset=args.track_dataset, limit=args.track_limit,
-                                                     device=args.device), out=args.track_out))
+                                                     device=args.device, truncated=args.truncated), out=args.track_out))
     final = train(settings, args.out, callbacks=callbacks)
     print(f"wrote {final} (LoRA adapter; checkpoints in {args.out}/checkpoint-*; settings in {args.out}/train.json)")
     return 0

@@ -27,9 +27,10 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="rows per forward: 1 clean + B-1 edges (default 32)")
     options.add_dtype_device(p, dtype_default=None)
     p.add_argument("--sign-threshold", type=float, default=DEFAULT_SIGN_THRESHOLD,
-                   help=f"sign agreement counts edges with |dL| above this, in nats (default {DEFAULT_SIGN_THRESHOLD:g})")
+                   help=f"sign agreement counts edges with |dL| above this, in the objective's units (nats for nll; "
+                        f"default {DEFAULT_SIGN_THRESHOLD:g})")
     p.add_argument("--out", help="output directory (validation.json + validation.png); with --run default "
-                                 "RUN_DIR/validation/{role}/{dataset}/alpha={a}.json")
+                                 "RUN_DIR/validation/{objective}/{role}/{dataset}/alpha={a}.json")
     p.set_defaults(func=run)
 
 

@@ -181,8 +181,8 @@ def _evaluate(out: Path, label: str, info: dict, step: int, checkpoint: Path, st
         if not note:
             drawn = len(io.read_json(layout.selection(run, ds, s.alpha))["idx"])
             if drawn < s.min_samples:
-                note = (f"no metrics: only {drawn} question(s) selected (both correct and passing the length "
-                        f"filters); at least {s.min_samples} are needed")
+                note = (f"no metrics: only {drawn} question(s) selected (both correct, both finished and passing "
+                        f"the length filters); at least {s.min_samples} are needed")
             else:
                 attribute.stage(ctx)
     finally:

@@ -123,10 +123,20 @@ def sample_answers(model, tokenizer, prompts: list[str], n: int, temperature: fl
     return out
 
 
-def dpo_rows(settings: TrainSettings, model, tokenizer, out: Path) -> list[dict]:
-    """Pairs from the base model's own samples; cached in OUT/dpo_pairs.jsonl (a rerun reuses them)."""
+def dpo_rows(settings: TrainSettings, model, tokenizer, out: Path, log=print) -> list[dict]:
+    """Pairs from the base model's own samples; cached in OUT/dpo_pairs.jsonl with the key of the settings that
+    made them (a rerun with the same settings reuses them; other settings rebuild them). A pairs file without a
+    key is the user's own and is used as it is."""
+    from circuitdiff.grade import GRADER_VERSION
+    from circuitdiff.store.keys import read_key, settings_key, up_to_date, write_key
+
     cache = layout.dpo_pairs(out)
-    if cache.exists():
+    made_by = {k: getattr(settings, k) for k in ("base", "dataset", "split", "limit", "prompt", "instruction",
+                                                  "dpo_samples", "temperature", "max_completion_length", "seed",
+                                                  "truncated")}
+    made_by["grader"] = GRADER_VERSION
+    key = settings_key(made_by)
+    if cache.exists() and (up_to_date(cache, key, log) or read_key(cache) is None):
         return io.read_jsonl(cache)
     problems = load_problems(settings.dataset, settings.split, limit=settings.limit)
     rows = prompt_rows(problems, tokenizer, settings.prompt, settings.instruction)
@@ -144,6 +154,7 @@ def dpo_rows(settings: TrainSettings, model, tokenizer, out: Path) -> list[dict]
     eos = tokenizer.eos_token or ""
     pairs = [{**p, "chosen": p["chosen"] + eos, "rejected": p["rejected"] + eos} for p in pairs]
     io.write_jsonl(cache, pairs)
+    write_key(cache, key, made_by)
     return pairs
 
 

@@ -1,6 +1,6 @@
 """Stage `report`: metrics, statistics, tables, figures and one HTML page for a run directory.
 
-``build_report(run_dir)`` reads ``attribution/{base,tuned}/{dataset}/alpha={a}.npz`` (plus
+``build_report(run_dir)`` reads every W file of the run (store.layout.find_attributions; plus
 ``selection/`` and ``manifest.json`` when present) and writes into ``run_dir/report/``:
 metrics.csv, node_entropy.csv, edge_change.csv, accuracy.csv (when generations/ exist), table.md, table.tex, fig_*.png and
 report.html. Pairs with only one model, or whose files disagree, are skipped and listed.
@@ -113,9 +113,10 @@ def build(run_dir, settings: Settings = Settings(), out_dir=None, builders=None)
         for block in section.blocks:
             if isinstance(block, Figure):
                 io.write_bytes(layout.report_figure(out, block.filename), block.png)
-    pairs = ", ".join(f"{r.dataset} alpha={r.alpha}" for r in results)
+    pairs = ", ".join(dict.fromkeys(f"{r.dataset} alpha={r.alpha}" for r in results))
+    controls = ", ".join(dict.fromkeys(f"{r.objective}/{r.text}" for r in results))
     intro = (
-        f"Run directory: {run_dir.resolve()}. Compared pairs: {pairs}. "
+        f"Run directory: {run_dir.resolve()}. Compared (dataset, alpha): {pairs}; objective/text: {controls}. "
         "Every difference is tuned - base on the same questions."
     )
     io.write_text(layout.report_file(out, "html"), render_page("circuitdiff report: base vs tuned", intro, sections))

@@ -142,7 +142,7 @@ def loss_section(ctx: ReportContext) -> list[Section]:
             "(its gradient shrinks like 1 - p, about the NLL itself), so a surer model gets smaller |W| everywhere. "
             "Per question, Δlog = log(tuned / base); the slope of Δlog intensity on Δlog loss (least squares with an "
             "intercept, paired-bootstrap CI) near 1 says the intensity change is mostly the loss change; the unit scale "
-            "and the logit objective remove this confound. Loss = the objective of each row (logit: minus the centred "
+            "and the logit objective are the controls for it (tables above). Loss = the objective of each row (logit: minus the centred "
             "logit, which can be negative, so no log relation).")
     return [Section("Loss and scale", text, blocks)]
 
@@ -195,14 +195,15 @@ def node_entropy_section(ctx: ReportContext) -> list[Section]:
 
 
 def samples_section(ctx: ReportContext) -> list[Section]:
-    header = ["dataset", "alpha", "n", "paired by", "granularity", "mean loss base", "mean loss tuned", "selection"]
+    header = ["dataset", "alpha", "objective", "n", "paired by", "granularity", "mean loss base", "mean loss tuned",
+              "selection"]
     rows = []
     for r in [r for r in ctx.results if r.text == "own"]:
         sel = {k: v for k, v in r.selection.items() if isinstance(v, (int, float, str, bool)) or v is None}
         for group in ("counts", "settings"):  # filter counts and selection settings, one level deep
             if isinstance(r.selection.get(group), dict):
                 sel.update({f"{group}.{k}": v for k, v in r.selection[group].items() if not isinstance(v, (dict, list))})
-        rows.append([r.dataset, r.alpha, str(r.n_samples), r.paired_by, r.granularity, tables.fmt(r.loss.base),
+        rows.append([r.dataset, r.alpha, r.objective, str(r.n_samples), r.paired_by, r.granularity, tables.fmt(r.loss.base),
                      tables.fmt(r.loss.tuned), ", ".join(f"{k}={v}" for k, v in sorted(sel.items()))])  # fmt: skip
     return [Section("Samples", "The questions both models answered correctly, selected per dataset and alpha.", [Table(header, rows)])]
 

@@ -79,9 +79,16 @@ def diff_rows_in_order(results: list[PairResult], settings: Settings) -> list[tu
 
 
 def holm_adjusted(results: list[PairResult], settings: Settings) -> dict[tuple, float]:
+    """Holm over every distinct test of the report. Kurtosis and Diversity do not depend on a sample's scale, so
+    their unit-scale rows repeat the raw test: they take the raw row's adjusted p and are not counted twice."""
     items = diff_rows_in_order(results, settings)
-    adjusted = S.holm([c.p_perm for *_, c in items])
-    return {(*comparison_key(r), e, sc, m): p for (r, e, sc, m, _), p in zip(items, adjusted)}
+    twin = lambda sc, m: sc == "unit" and m in M.SCALE_FREE and "raw" in settings.scales  # noqa: E731
+    family = [(r, e, sc, m, c) for r, e, sc, m, c in items if not twin(sc, m)]
+    adjusted = dict(zip([(*comparison_key(r), e, sc, m) for r, e, sc, m, _ in family], S.holm([c.p_perm for *_, c in family])))
+    for r, e, sc, m, _ in items:
+        if twin(sc, m):
+            adjusted[(*comparison_key(r), e, sc, m)] = adjusted[(*comparison_key(r), e, "raw", m)]
+    return adjusted
 
 
 def csv_rows(results: list[PairResult], settings: Settings) -> list[dict]:

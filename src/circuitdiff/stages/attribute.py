@@ -70,7 +70,7 @@ def attribute_one(ctx, role: str, text: str, ds, alpha: float, objective: str = 
     ctx.log(f"{name}: {len(samples)} samples, T_cut={where['T_cut']}, granularity={cfg.granularity}")
     result = attribute(ctx.models.get(role), samples, granularity=cfg.granularity, batch_size=cfg.attr_batch_size,
                        gradient_checkpointing=cfg.gradient_checkpointing, objective=objective, work_dir=parts,
-                       progress=ctx.progress)
+                       progress=ctx.progress, log=ctx.log)
     result.meta.update({"role": role, "text": text, "dataset": ds.key, "alpha": alpha, "idx": where["idx"],
                         "T_cut": where["T_cut"], "T_bar": sel["T_bar"], "selection": sel["settings"]})
     result.save(out)
@@ -83,8 +83,12 @@ def attribute_one(ctx, role: str, text: str, ds, alpha: float, objective: str = 
 
 
 def _check_same_tokens(ctx, role: str, text: str, ds, idx: list) -> None:
-    """Scoring one model on the other's tokens needs one tokenizer: the two prompts of a question must be the
-    same ids when both models use the same prompt preset, and every id must be inside the model's vocabulary."""
+    """Scoring one model on the other's tokens needs one tokenizer: checked before any work (pipeline), refused
+    when the run allows different tokenizers; here the two prompts of a question must be the same ids when both
+    models use the same prompt preset, and every id must be inside the model's vocabulary."""
+    if ctx.config.allow_different_tokenizers:
+        raise UserError(f"text: {text}: same-text scoring needs one tokenizer, and this run allows different ones "
+                        "(allow_different_tokenizers: true); use text: own")
     rows = {r: {row["idx"]: row for row in artifacts.read_generations(ctx.run, r, ds.key)} for r in (role, text)}
     if ctx.config.prompt_for(role) == ctx.config.prompt_for(text):
         differ = [i for i in idx if rows[role][i]["prompt_ids"] != rows[text][i]["prompt_ids"]]

@@ -19,7 +19,7 @@ from circuitdiff.data import Problem
 from circuitdiff.decoding import Backend, Generation
 from circuitdiff.errors import UserError
 from circuitdiff.grade import GRADER_VERSION, grade
-from circuitdiff.io import append_jsonl, read_json, read_jsonl_tolerant, write_json, write_jsonl
+from circuitdiff.io import DamagedFile, append_jsonl, read_json, read_jsonl_rows, read_jsonl_tolerant, write_json, write_jsonl
 from circuitdiff.prompts import encode, render
 from circuitdiff.store import layout
 from circuitdiff.store.keys import settings_key
@@ -60,8 +60,15 @@ def generate_one(ctx, role: str, ds) -> None:
     meta_path = layout.generations_meta(ctx.run, role, ds.key)
     wanted = settings(ctx.config, role, ds)
     key = settings_key(wanted)
-    existing = read_jsonl_tolerant(path)
-    meta = read_json(meta_path) if meta_path.exists() else None
+    existing = repair(path, ctx.log)
+    try:
+        meta = read_json(meta_path) if meta_path.exists() else None
+    except DamagedFile:
+        raise UserError(f"{meta_path} is damaged, so the answers in {path} cannot be matched to their settings; "
+                        "delete both files and run again") from None
+    if meta is None and existing:
+        raise UserError(f"{path} holds answers but {meta_path} (their settings) is missing; delete {path} and run "
+                        "again, or restore the meta file")
     if meta is not None and meta.get("key") != key:
         if existing:
             changed = sorted(k for k in wanted if meta.get("settings", {}).get(k) != wanted[k])
@@ -138,13 +145,20 @@ def _tokenizer_only(model_cfg):
 
 
 # ---------------------------------------------------------------- rows
-def _repair(path: Path) -> list[dict]:
-    """Drop a line cut off by a kill (rewriting the file atomically), so appending stays safe."""
-    rows = read_jsonl_tolerant(path)
+def repair(path: Path, log=None) -> list[dict]:
+    """The rows a generations file can be trusted with, the file rewritten (atomically) to hold just them.
+
+    A line cut off by a kill is dropped silently (appending stays safe); a damaged line elsewhere drops
+    it and every row after it, with a line saying so: generation then answers those questions again.
+    """
+    rows, damaged = read_jsonl_rows(path)
+    if damaged is not None and log is not None:
+        log(f"{path} line {damaged} is damaged; keeping the {len(rows)} rows before it and answering the "
+            "questions after it again")
     if path.exists():
         with open(path, "rb") as f:
             data = f.read()
-        if data.count(b"\n") != len(rows) or (data and not data.endswith(b"\n")):
+        if damaged is not None or data.count(b"\n") != len(rows) or (data and not data.endswith(b"\n")):
             write_jsonl(path, rows)
     return rows
 
@@ -191,7 +205,7 @@ def generate_dataset(
     if batch_size < 1:
         raise UserError(f"batch size {batch_size} must be at least 1")
     path = Path(path)
-    done = {row["idx"] for row in _repair(path)}
+    done = {row["idx"] for row in repair(path)}
     pending = [(p, ids) for p, ids in zip(problems, prompts) if p.idx not in done]
     pending.sort(key=lambda item: (-len(item[1]), item[0].idx))
     bar = tqdm(total=len(problems), initial=len(problems) - len(pending), desc=desc, unit="q",

@@ -3,7 +3,7 @@
 Questions: the first n (by idx) of the role's generations; loss samples: each one's own answer
 cut at min(T_cut, its length), T_cut from the selection; accuracy: fresh greedy answers with
 the edits active. Edges: top / top-grown from the run's attribution files, or a given list.
-Output: intervention/{role}/{dataset}/alpha={a}/{label}.json, keyed by the settings, the model
+Output: intervention/{objective}/{role}/{dataset}/alpha={a}/{label}.json, keyed by the settings, the model
 and dtype, and the keys of the generations, the selection and the attribution files it read.
 Runs in `circuitdiff run` when the config has an `intervention:` section, and from
 `circuitdiff intervene`.
@@ -53,11 +53,19 @@ def choose_targeted(run: Path, role: str, dataset: str, alpha: float, selector: 
     return edges, how, granularity
 
 
+def truncated_rule(run: Path) -> str:
+    """The run's grading rule for answers cut at the cap (the intervention grades its answers the same way)."""
+    return artifacts.read_manifest(run).get("config", {}).get("grading", {}).get("truncated", "strict")
+
+
 def inputs(run: Path, dataset: str, alpha: float, settings: InterventionConfig, spec: str, dtype: str,
            max_new_tokens: int) -> dict:
+    from circuitdiff.grade import GRADER_VERSION
+
     role = settings.role
     return {
         "settings": {**settings.model_dump(exclude=UNKEYED | {"dataset", "alpha"}), "max_new_tokens": max_new_tokens},
+        "grading": {"grader": GRADER_VERSION, "truncated": truncated_rule(run)},
         "dataset": dataset, "alpha": alpha, "model": spec, "dtype": dtype,
         "generation": artifacts.generation_key(run, role, dataset),
         "selection": read_key(layout.selection(run, dataset, alpha)),
@@ -120,7 +128,8 @@ def _measure(run, role, dataset, alpha, settings, spec, dtype, device, max_new_t
         eos_ids=eos_token_ids(hf, tok) if settings.accuracy else None, pad_id=getattr(tok, "pad_token_id", None),
         decode=(lambda ids: tok.decode(ids, skip_special_tokens=True)) if settings.accuracy else None,
         max_new_tokens=max_new_tokens, gen_batch_size=settings.gen_batch_size,
-        loss_batch_size=settings.loss_batch_size, objective=settings.objective, progress=progress,
+        loss_batch_size=settings.loss_batch_size, objective=settings.objective, truncated_rule=truncated_rule(run),
+        progress=progress,
     )
     result.meta.update({"run": str(run), "role": role, "dataset": dataset, "alpha": alpha, "model": spec,
                         "edges_selector": settings.edges, "edges_chosen": how, "k": len(targeted),

@@ -1,6 +1,6 @@
 """Stage `validation`: EAP vs exact edge ablation on the first selected samples of a run (circuitdiff.validate).
 
-Output: validation/{role}/{dataset}/alpha={a}.json (+ the scatter PNG beside it), keyed by the
+Output: validation/{objective}/{role}/{dataset}/alpha={a}.json (+ the scatter PNG beside it), keyed by the
 validation settings, the model and dtype, and the keys of the samples' inputs (the role's
 generations and the selection). Runs in `circuitdiff run` when the config has a `validation:`
 section, and from `circuitdiff validate --run`.

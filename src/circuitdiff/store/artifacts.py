@@ -144,10 +144,14 @@ def answered_questions(run: str | Path, role: str, dataset: str, T_cut: int,
 
 
 def read_manifest(run: Path) -> dict:
+    """The run's manifest ({} when there is none or it is damaged: it records, it does not decide)."""
     path = layout.manifest(run)
     if not path.exists():
         return {}
-    data = io.read_json(path)
+    try:
+        data = io.read_json(path)
+    except io.DamagedFile:
+        return {}
     return data if isinstance(data, dict) else {"manifest": data}
 
 
@@ -156,7 +160,7 @@ def run_model(run: str | Path, role: str) -> tuple[str, str]:
     path = layout.manifest(Path(run))
     if not path.exists():
         raise UserError(f"{path} does not exist; pass the directory a `circuitdiff run` wrote")
-    config = read_manifest(Path(run)).get("config", {})
+    config = io.read_json(path).get("config", {})
     spec = (config.get(role) or {}).get("spec")
     if not spec:
         raise UserError(f"{path} names no config.{role}.spec; was it written by `circuitdiff run`?")

@@ -46,7 +46,7 @@ def read_key(artifact: Path) -> str | None:
     path = key_file(artifact)
     try:
         record = io.read_json(path)
-    except (OSError, ValueError):
+    except (OSError, io.DamagedFile):
         return None
     return record.get("key") if isinstance(record, dict) else None
 
@@ -58,7 +58,7 @@ def up_to_date(artifact: Path, key: str, log: Callable[[str], None] | None = Non
         return False
     try:
         record = io.read_json(key_file(artifact))
-    except (OSError, ValueError):
+    except (OSError, io.DamagedFile):  # no key, or a damaged one: the artifact cannot be trusted
         return False
     if not isinstance(record, dict) or record.get("key") != key:
         return False
