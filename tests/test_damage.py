@@ -142,3 +142,20 @@ def test_tuned_typo_and_other_tokenizer_are_refused_before_any_work(pair, world,
     assert not layout.generations(run, "base", "gsm8k").exists()
     _run(pair, world, run, tuned=str(other), until="generate", allow_different_tokenizers=True)
     assert layout.generations(run, "tuned", "gsm8k").exists()
+
+
+def test_unwritable_or_directory_out_is_refused_before_any_work(tmp_path, capsys):
+    """`--out` that is a directory, or below a file, fails at once: no model loaded, no .parts left behind."""
+    samples = tmp_path / "s.jsonl"
+    samples.write_text('{"prompt_ids": [1, 2], "answer_ids": [3], "cut_len": 1}\n')
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    cases = [(str(tmp_path), "is a directory"), (str(blocker / "W.npz"), "is a file, not a directory")]
+    for out, needle in cases:
+        code = main(["attribute", "--model", str(tmp_path / "no-model"), "--samples", str(samples), "--out", out])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and needle in err and "\n" not in err, err
+    assert not list(tmp_path.glob("*.parts"))
+    code = main(["attribute", "--model", str(tmp_path / "no-model"), "--samples", str(samples), "--out",
+                 str(tmp_path / "W.npz"), "--device", "tpu9"])
+    assert code == 2 and "device 'tpu9' is unknown" in capsys.readouterr().err

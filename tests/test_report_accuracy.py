@@ -12,7 +12,8 @@ def write_rows(path, correct_by_idx):
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         for idx, ok in correct_by_idx.items():
-            f.write(json.dumps({"idx": idx, "correct": ok, "answer_ids": [1, 2]}) + "\n")
+            f.write(json.dumps({"idx": idx, "gold": "1", "prompt_ids": [3], "answer_ids": [1, 2], "answer_text": "1",
+                                "correct": ok}) + "\n")
 
 
 def test_accuracy_rows_pair_by_idx_and_match_hand_counts(tmp_path):

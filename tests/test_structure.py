@@ -56,13 +56,21 @@ print("torch" in sys.modules, "transformers" in sys.modules)
 def test_key_files_skip_redo_and_detect_damage(tmp_path):
     artifact = tmp_path / "x.json"
     artifact.write_text("{}")
-    assert not keys.up_to_date(artifact, "k1")  # no key file yet
-    keys.write_key(artifact, "k1", {"a": 1})
-    assert keys.read_key(artifact) == "k1" and keys.up_to_date(artifact, "k1")
-    assert not keys.up_to_date(artifact, "k2")
+    settings = {"a": 1}
+    k1 = keys.settings_key(settings)
+    assert not keys.up_to_date(artifact, k1)  # no key file yet
+    keys.write_key(artifact, k1, settings)
+    assert keys.read_key(artifact) == k1 and keys.up_to_date(artifact, k1)
+    assert not keys.up_to_date(artifact, keys.settings_key({"a": 2}))
+    # a key file whose record was damaged no longer vouches for the artifact
+    record = layout.key_file(artifact)
+    good = record.read_text()
+    record.write_text(good.replace('"a": 1', '"a": 7'))
+    assert not keys.up_to_date(artifact, k1)
+    record.write_text(good)
     artifact.write_text("{ }")  # same length, other bytes
     lines = []
-    assert not keys.up_to_date(artifact, "k1", lines.append)
+    assert not keys.up_to_date(artifact, k1, lines.append)
     assert "damaged" in lines[0] and str(artifact) in lines[0]
     assert keys.settings_key({"b": 2, "a": 1}) == keys.settings_key({"a": 1, "b": 2})
 

@@ -47,6 +47,7 @@ ACCURACY_CONVENTION = ("per question: a fresh greedy answer generated with the i
                        "circuitdiff.grade (an answer cut at the token cap without a \\boxed{} answer is wrong)")
 GROWTH_CONVENTION = "top-grown: largest absolute growth mean|W_tuned| - mean|W_base| (mean over samples), real edges only"
 SELECTORS = ("top", "top-grown")
+TIMINGS = ("seconds_loss", "seconds_generate")  # kept in memory and in the run's manifest, not in the result file
 
 
 # ---------------------------------------------------------------- edge choice
@@ -160,7 +161,7 @@ class Intervention:
                       "condition); excludes the variability of the random draws (listed in random_draw_effects)",
                 "growth": GROWTH_CONVENTION,
             },
-            "meta": self.meta,
+            "meta": {k: v for k, v in self.meta.items() if k not in TIMINGS},  # a result holds no wall-clock time
         }  # fmt: skip
 
     def save(self, path: str | Path) -> Path:

@@ -26,6 +26,29 @@ class DamagedFile(UserError):
     """A file circuitdiff wrote earlier cannot be read back as what it should be."""
 
 
+# ---------------------------------------------------------------- fault injection (tests only)
+# Every write passes two kill points (after the data is on disk under a temporary name, and after
+# the rename; for an append: after half a row, and after the rows). With CIRCUITDIFF_KILL_AT=N the
+# process kills itself (SIGKILL, no cleanup) at the N-th point; with CIRCUITDIFF_FAULT_LOG=FILE it
+# lists every point it passes ("N<TAB>what<TAB>path"). Both unset (always, outside tests): nothing.
+_KILL_AT = int(os.environ.get("CIRCUITDIFF_KILL_AT", "0") or 0)
+_FAULT_LOG = os.environ.get("CIRCUITDIFF_FAULT_LOG")
+_points = [0]
+
+
+def _kill_point(what: str, path: Path) -> None:
+    if not (_KILL_AT or _FAULT_LOG):
+        return
+    _points[0] += 1
+    if _FAULT_LOG:
+        with open(_FAULT_LOG, "a", encoding="utf-8") as f:
+            f.write(f"{_points[0]}\t{what}\t{path}\n")
+    if _points[0] == _KILL_AT:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -43,7 +66,9 @@ def _finish(handle, tmp: Path, path: Path) -> None:
     handle.flush()
     os.fsync(handle.fileno())
     handle.close()
+    _kill_point("written under a temporary name", path)
     os.replace(tmp, path)
+    _kill_point("renamed into place", path)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -119,18 +144,27 @@ def append_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, default=_json_default) + "\n")
+        for i, row in enumerate(rows):
+            line = json.dumps(row, default=_json_default) + "\n"
+            if i == 0 and (_KILL_AT or _FAULT_LOG):  # a kill mid-append leaves half a line
+                f.write(line[: len(line) // 2])
+                f.flush()
+                os.fsync(f.fileno())
+                _kill_point("half a row appended", path)
+                line = line[len(line) // 2 :]
+            f.write(line)
         f.flush()
         os.fsync(f.fileno())
+    _kill_point("rows appended", path)
 
 
-def read_jsonl_rows(path: str | os.PathLike) -> tuple[list[dict], int | None]:
+def read_jsonl_rows(path: str | os.PathLike, valid=None) -> tuple[list[dict], int | None]:
     """(rows, first damaged line) of a file written by `append_jsonl`.
 
     The rows are those before the first damaged line (None: no damage). A last line without its
     newline is what a kill mid-append leaves: it is dropped and is not damage. Any other line that
-    is not a JSON object (bad bytes, cut in the middle of the file, a number) is damage.
+    is not a JSON object (bad bytes, cut in the middle of the file, a number), or that `valid(row)`
+    refuses (a row's own checksum, its fields), is damage.
     """
     path = Path(path)
     if not path.exists():
@@ -146,18 +180,19 @@ def read_jsonl_rows(path: str | os.PathLike) -> tuple[list[dict], int | None]:
             row = json.loads(raw.decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError):
             return rows, number
-        if not isinstance(row, dict):
+        if not isinstance(row, dict) or (valid is not None and not valid(row)):
             return rows, number
         rows.append(row)
     return rows, None
 
 
-def read_jsonl_tolerant(path: str | os.PathLike) -> list[dict]:
+def read_jsonl_tolerant(path: str | os.PathLike, valid=None) -> list[dict]:
     """Rows of a file written by `append_jsonl`: a cut-off last line is ignored, any other damage is a
     DamagedFile naming the file and the line (never a silently shorter table)."""
-    rows, damaged = read_jsonl_rows(path)
+    rows, damaged = read_jsonl_rows(path, valid)
     if damaged is not None:
-        raise DamagedFile(f"{path} line {damaged} is damaged (not a JSON object); the rows after it cannot be trusted: "
+        raise DamagedFile(f"{path} line {damaged} is damaged (not a JSON object with the fields of a row, or not matching "
+                          "its checksum); the rows after it cannot be trusted: "
                           "restore the file, or delete it from that line on and rerun the stage that wrote it")
     return rows
 

@@ -229,6 +229,8 @@ def run_stages(ctx: RunContext, until: str = "intervention") -> Path:
     if until not in STAGES:
         raise UserError(f"stage {until!r} is unknown; use one of {', '.join(STAGES)}")
     check_before_work(ctx)
+    for stale in layout.stale_temp_files(ctx.run):  # what a kill between write and rename left behind
+        stale.unlink(missing_ok=True)
     write_manifest(ctx)
     functions, last = stage_functions(), None
     for name in STAGES[: STAGES.index(until) + 1]:

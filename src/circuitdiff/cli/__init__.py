@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"circuitdiff: error: {err}", file=sys.stderr)
         return 2
+    except (PermissionError, IsADirectoryError, NotADirectoryError) as err:  # a path the user gave; not a bug
+        print(f"circuitdiff: error: {err.filename}: {err.strerror}; choose another path", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

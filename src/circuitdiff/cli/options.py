@@ -43,6 +43,34 @@ def add_run_target(p, run_required: bool = False, role_default: str = "tuned") -
     p.add_argument("--alpha", type=float, required=run_required, help="the alpha of the selection (and its T_cut)")
 
 
+def writable_file(path: str) -> str:
+    """--out FILE checked before any work: not a directory, and its folder can be created and written."""
+    from pathlib import Path
+
+    out = Path(path)
+    if out.is_dir():
+        raise UserError(f"--out {path} is a directory; give a file name inside it (e.g. W.npz)")
+    writable_dir(str(out.parent if str(out.parent) else "."))
+    return path
+
+
+def writable_dir(path: str) -> str:
+    """--out DIR checked before any work: it can be created and written."""
+    import os
+    from pathlib import Path
+
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--out {path} is a file, not a directory; give a directory")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--out {path}: cannot create it ({err.strerror}); choose another path") from None
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"--out {path} is not writable; choose another path")
+    return path
+
+
 def settings_from(cls, origin: str, **values):
     """A pydantic settings object from command-line values; a bad value is one line naming the flag."""
     try:

@@ -36,7 +36,13 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from circuitdiff.errors import UserError
+    from circuitdiff.models.checks import check_device
     from circuitdiff.store import layout
+
+    if args.out:
+        options.writable_dir(args.out)
+    if args.device != "auto":
+        check_device(args.device)
 
     if args.run:
         from circuitdiff.config import ValidationConfig

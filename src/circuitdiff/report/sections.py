@@ -218,10 +218,15 @@ def _flatten(obj, prefix: str = "") -> list[tuple[str, str]]:
     return [(prefix, text if len(text) <= 300 else text[:297] + "...")]
 
 
+VOLATILE = ("started", "updated", "timings")  # when and how long: in manifest.json, not in the report
+
+
 def manifest_section(ctx: ReportContext) -> list[Section]:
     if not ctx.index.manifest:
         return []
-    return [Section("Run manifest", "manifest.json of the run, flattened.", [Table(["key", "value"], [list(kv) for kv in _flatten(ctx.index.manifest)])])]
+    kept = {k: v for k, v in ctx.index.manifest.items() if k not in VOLATILE}
+    return [Section("Run manifest", "manifest.json of the run, flattened (without its timestamps and timings, so that "
+                    "the same results give the same report).", [Table(["key", "value"], [list(kv) for kv in _flatten(kept)])])]
 
 
 def skipped_section(ctx: ReportContext) -> list[Section]:

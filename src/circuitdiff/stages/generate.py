@@ -21,7 +21,7 @@ from circuitdiff.errors import UserError
 from circuitdiff.grade import GRADER_VERSION, grade
 from circuitdiff.io import DamagedFile, append_jsonl, read_json, read_jsonl_rows, read_jsonl_tolerant, write_json, write_jsonl
 from circuitdiff.prompts import encode, render
-from circuitdiff.store import layout
+from circuitdiff.store import artifacts, layout
 from circuitdiff.store.keys import settings_key
 
 CONVENTIONS = {
@@ -86,7 +86,7 @@ def generate_one(ctx, role: str, ds) -> None:
         ctx.log(f"generate {role} {ds.key}: {len(problems)} answers already in {path}")
         return
     if role == "tuned" and key == settings_key(settings(ctx.config, "base", ds)):
-        base_rows = {r["idx"]: r for r in read_jsonl_tolerant(layout.generations(ctx.run, "base", ds.key))}
+        base_rows = {r["idx"]: r for r in artifacts.read_generations(ctx.run, "base", ds.key)}
         if all(p.idx in base_rows for p in pending):
             write_jsonl(path, existing + [base_rows[p.idx] for p in pending])
             ctx.log(f"generate tuned {ds.key}: same model and settings as base; copied {len(pending)} answers")
@@ -151,7 +151,7 @@ def repair(path: Path, log=None) -> list[dict]:
     A line cut off by a kill is dropped silently (appending stays safe); a damaged line elsewhere drops
     it and every row after it, with a line saying so: generation then answers those questions again.
     """
-    rows, damaged = read_jsonl_rows(path)
+    rows, damaged = read_jsonl_rows(path, artifacts.row_ok)
     if damaged is not None and log is not None:
         log(f"{path} line {damaged} is damaged; keeping the {len(rows)} rows before it and answering the "
             "questions after it again")
@@ -167,7 +167,7 @@ def make_row(problem: Problem, prompt_ids: list[int], gen: Generation, decode: C
              truncated_rule: str = "strict") -> dict:
     text = decode(gen.answer_ids)
     graded = grade(text, problem.gold, problem.kind, finished=gen.stop == "eos", truncated_rule=truncated_rule)
-    return {
+    return artifacts.with_check({
         "idx": problem.idx,
         "question": problem.question,
         "gold": problem.gold,
@@ -179,7 +179,7 @@ def make_row(problem: Problem, prompt_ids: list[int], gen: Generation, decode: C
         "prediction": graded.prediction,
         "truncated": graded.truncated,
         "correct": graded.correct,
-    }
+    })
 
 
 def generate_dataset(
@@ -218,4 +218,4 @@ def generate_dataset(
             bar.update(len(batch))
     finally:
         bar.close()
-    return read_jsonl_tolerant(path)
+    return read_jsonl_tolerant(path, artifacts.row_ok)

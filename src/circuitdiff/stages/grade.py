@@ -12,8 +12,8 @@ from dataclasses import asdict
 
 from circuitdiff.errors import UserError
 from circuitdiff.grade import GRADER_VERSION, REL_TOL, accuracy, grade
-from circuitdiff.io import read_json, read_jsonl_tolerant, write_json, write_jsonl
-from circuitdiff.store import layout
+from circuitdiff.io import read_json, write_json, write_jsonl
+from circuitdiff.store import artifacts, layout
 
 
 def regrade(rows: list[dict], truncated_rule: str = "strict") -> list[dict]:
@@ -22,7 +22,8 @@ def regrade(rows: list[dict], truncated_rule: str = "strict") -> list[dict]:
     for row in rows:
         graded = grade(row["answer_text"], row["gold"], row.get("kind", "numeric"),
                        finished=row.get("stop", "eos") == "eos", truncated_rule=truncated_rule)
-        out.append({**row, "prediction": graded.prediction, "truncated": graded.truncated, "correct": graded.correct})
+        out.append(artifacts.with_check({**row, "prediction": graded.prediction, "truncated": graded.truncated,
+                                         "correct": graded.correct}))
     return out
 
 
@@ -41,7 +42,7 @@ def grade_one(ctx, role: str, ds) -> None:
     before = json.dumps(meta, sort_keys=True)
     rule = ctx.config.grading.truncated
     if meta.get("grader") != GRADER_VERSION or meta.get("truncated_rule", "lenient") != rule:
-        write_jsonl(path, regrade(read_jsonl_tolerant(path), rule))
+        write_jsonl(path, regrade(artifacts.read_generations(ctx.run, role, ds.key), rule))
         meta.update({"grader": GRADER_VERSION, "truncated_rule": rule})
         ctx.log(f"grade {role} {ds.key}: re-graded with grader version {GRADER_VERSION}, truncated answers {rule}")
     rows = ctx.rows(role, ds)

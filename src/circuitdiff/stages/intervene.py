@@ -104,6 +104,10 @@ def intervene_one(run: str | Path, dataset: str, alpha: float, settings: Interve
     result.meta.update({"T_cut": T_cut, "dtype": dtype})
     result.save(path)
     write_key(path, key, record)
+    if out is None:
+        from circuitdiff.intervene import TIMINGS
+
+        artifacts.record_timings(run, path, {k: result.meta[k] for k in TIMINGS if k in result.meta})
     log(f"intervene {role} {dataset} alpha={alpha}: wrote {path}: {summary_line(result)}")
     return result, path
 
@@ -131,7 +135,7 @@ def _measure(run, role, dataset, alpha, settings, spec, dtype, device, max_new_t
         loss_batch_size=settings.loss_batch_size, objective=settings.objective, truncated_rule=truncated_rule(run),
         progress=progress,
     )
-    result.meta.update({"run": str(run), "role": role, "dataset": dataset, "alpha": alpha, "model": spec,
+    result.meta.update({"role": role, "dataset": dataset, "alpha": alpha, "model": spec,
                         "edges_selector": settings.edges, "edges_chosen": how, "k": len(targeted),
                         "question_idx": [s["idx"] for s in samples]})
     return result

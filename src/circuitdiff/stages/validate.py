@@ -52,9 +52,13 @@ def validate_one(run: str | Path, role: str, dataset: str, alpha: float, setting
                       max_edges=settings.max_edges, seed=settings.seed, batch_size=settings.batch_size, dtype=dtype,
                       device=device, sign_threshold=settings.sign_threshold, objective=settings.objective,
                       progress=progress)
-    result.meta.update({**where, "run": str(run), "role": role, "dataset": dataset, "alpha": alpha})
+    result.meta.update({**where, "role": role, "dataset": dataset, "alpha": alpha})  # paths relative: a run can move
     result.save(path, layout.validation_figure(path))
     write_key(path, key, record)
+    if out is None:
+        from circuitdiff.validate import TIMINGS
+
+        artifacts.record_timings(run, path, {k: result.meta[k] for k in TIMINGS if k in result.meta})
     log(f"validate {role} {dataset} alpha={alpha}: wrote {path} and {layout.validation_figure(path)}: "
         f"{summary_line(result)}")
     return result

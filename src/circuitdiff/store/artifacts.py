@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import zipfile
 from dataclasses import dataclass, field
@@ -72,9 +73,31 @@ class Attribution:
 
 
 # ---------------------------------------------------------------- generations and selections
+ROW_FIELDS = {"idx": int, "gold": str, "prompt_ids": list, "answer_ids": list, "answer_text": str, "correct": bool}
+
+
+def row_check(row: dict) -> str:
+    """A generations row's own checksum (16 hex of the SHA-256 of its other fields): appended rows have no
+    key file, so each row carries its checksum and a bit flip anywhere in it is seen."""
+    return hashlib.sha256(json.dumps({k: v for k, v in row.items() if k != "check"}, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def with_check(row: dict) -> dict:
+    return {**{k: v for k, v in row.items() if k != "check"}, "check": row_check(row)}
+
+
+def row_ok(row: dict) -> bool:
+    """A generations row has its fields with their types, and matches its checksum (rows written before
+    checksums existed have none and are accepted on their fields)."""
+    if not all(isinstance(row.get(k), t) and not (t is int and isinstance(row.get(k), bool)) for k, t in ROW_FIELDS.items()):
+        return False
+    return "check" not in row or row["check"] == row_check(row)
+
+
 def read_generations(run: Path, role: str, dataset: str) -> list[dict]:
-    """The rows of a role's generations file (a line cut off by a kill is ignored); [] if there is none."""
-    return io.read_jsonl_tolerant(layout.generations(run, role, dataset))
+    """The rows of a role's generations file (a line cut off by a kill is ignored; any other damage is a
+    DamagedFile naming the line); [] if there is none."""
+    return io.read_jsonl_tolerant(layout.generations(run, role, dataset), row_ok)
 
 
 def generation_key(run: Path, role: str, dataset: str) -> str | None:
@@ -122,7 +145,8 @@ def selected_samples(run: str | Path, role: str, dataset: str, alpha: float,
                         "re-run the generate stage")
     T_cut = int(sel["T_cut"])
     samples = [{"prompt_ids": rows[i]["prompt_ids"], "answer_ids": rows[i]["answer_ids"], "cut_len": T_cut} for i in idx]
-    return samples, {"idx": idx, "T_cut": T_cut, "selection": str(layout.selection(run, dataset, alpha))}
+    selection = layout.selection(run, dataset, alpha).relative_to(run).as_posix()  # relative: a run can move
+    return samples, {"idx": idx, "T_cut": T_cut, "selection": selection}
 
 
 def answered_questions(run: str | Path, role: str, dataset: str, T_cut: int,
@@ -153,6 +177,17 @@ def read_manifest(run: Path) -> dict:
     except io.DamagedFile:
         return {}
     return data if isinstance(data, dict) else {"manifest": data}
+
+
+def record_timings(run: Path, output: Path, timings: dict) -> None:
+    """Wall-clock times of a stage's output go into the manifest (`timings`), so that results stay byte-identical
+    between runs; `output` is named relative to the run."""
+    if not timings:
+        return
+    path = layout.manifest(run)
+    data = read_manifest(run)
+    data.setdefault("timings", {})[Path(output).resolve().relative_to(Path(run).resolve()).as_posix()] = timings
+    io.write_json(path, data)
 
 
 def run_model(run: str | Path, role: str) -> tuple[str, str]:

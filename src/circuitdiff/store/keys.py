@@ -62,6 +62,8 @@ def up_to_date(artifact: Path, key: str, log: Callable[[str], None] | None = Non
         return False
     if not isinstance(record, dict) or record.get("key") != key:
         return False
+    if "settings" in record and settings_key(record["settings"]) != key and record["settings"]:
+        return False  # the key file itself was damaged: what it says made the artifact no longer hashes to its key
     if record.get("sha256") != file_sha256(artifact):
         if log is not None:
             log(f"{artifact} does not match its recorded checksum (damaged); recomputing it")

@@ -169,6 +169,11 @@ def shards_dir(run: Path, stage: str) -> Path:
     return Path(run) / "shards" / stage
 
 
+def stale_temp_files(run: Path) -> list[Path]:
+    """Temporary files of atomic writes that a kill left behind (io.py names them .{name}.{random}.tmp)."""
+    return sorted(p for p in Path(run).rglob(".*.tmp") if p.is_file())
+
+
 # ---------------------------------------------------------------- finding what a run holds
 def find_generations(run: Path, role: str) -> dict[str, Path]:
     """dataset -> generations file of `role`."""
