@@ -15,7 +15,6 @@ import shutil
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -39,8 +38,7 @@ def main() -> None:
         reference = faults.snapshot(reference_run)
         n_points = len(log.read_text().splitlines())
         points = faults.kill_points(log, args.per_stage, args.seed)
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            kills = list(pool.map(lambda pt: faults.kill_outcome(config, root / f"kill-{pt[0]}", reference, pt[0]), points))
+        kills = faults.kill_cases(config, root, reference, points)
         print(f"Kill -9 at {len(points)} of the {n_points} write points of an uninterrupted run (seed {args.seed}), "
               "then the same command again; outcome against the uninterrupted run (every file but manifest.json, "
               "byte for byte):\n")
@@ -49,22 +47,14 @@ def main() -> None:
         for (number, stage, what), outcome in zip(points, kills):
             print(f"| {number} | {stage} | {what} | {outcome} |")
 
-        cases = [(kind, how) for kind in faults.ARTIFACTS for how in faults.DAMAGES]
-
-        def one(case):
-            kind, how = case
-            run = faults.copy_run(reference_run, root / f"damage-{kind.replace(' ', '_')}-{how}")
-            return faults.damage_outcome(config, run, reference, kind, how)
-
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            damages = list(pool.map(one, cases))
+        outcomes = faults.damage_cases(config, root, reference_run, reference)
         print("\nOne artifact of a finished run damaged, then the same command again (recomputed: every output equal "
               "to the undamaged run again; error: the one line the command printed, exit 2):\n")
         print("| artifact | damage | outcome |")
         print("|---|---|---|")
-        for (kind, how), outcome in zip(cases, damages):
+        for (kind, how), outcome in outcomes.items():
             print(f"| {kind} (`{faults.ARTIFACTS[kind]}`) | {how} | {outcome.replace(str(root), '<tmp>')} |")
-        print(f"\n{len(points)} kill cases and {len(cases)} damage cases in {time.time() - started:.0f} s")
+        print(f"\n{len(points)} kill cases and {len(outcomes)} damage cases in {time.time() - started:.0f} s")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

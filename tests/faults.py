@@ -174,3 +174,26 @@ def damage_outcome(config: Path, run: Path, reference: dict[str, bytes], kind: s
         if strip(snapshot(run)["report/report.html"]) == strip(reference["report/report.html"]):
             return "rewritten (model-load records return when the models next load)"
     return "recomputed" if not diff else f"WRONG: differs in {', '.join(diff[:4])}"
+
+
+# ---------------------------------------------------------------- the cases, two side by side
+def kill_cases(config: Path, root: Path, reference: dict[str, bytes], points: list) -> list[str]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return list(pool.map(lambda pt: kill_outcome(config, root / f"kill-{pt[0]}", reference, pt[0]), points))
+
+
+def damage_cases(config: Path, root: Path, reference_run: Path, reference: dict[str, bytes]) -> dict:
+    """{(artifact kind, damage): outcome} for every kind and damage."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = [(kind, how) for kind in ARTIFACTS for how in DAMAGES]
+
+    def one(case):
+        kind, how = case
+        run = copy_run(reference_run, root / f"damage-{kind.replace(' ', '_')}-{how}")
+        return damage_outcome(config, run, reference, kind, how)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(cases, pool.map(one, cases)))

@@ -7,8 +7,6 @@ Every case runs the CLI in a fresh process (tiny models, about 6 s a run); two c
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import faults
 import pytest
 
@@ -38,8 +36,7 @@ def test_the_reference_run_has_every_stage(world):
 def test_kill_anywhere_then_resume_gives_identical_outputs(world):
     root, config, _, reference, log = world
     points = faults.kill_points(log)
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        outcomes = list(pool.map(lambda p: faults.kill_outcome(config, root / f"kill-{p[0]}", reference, p[0]), points))
+    outcomes = faults.kill_cases(config, root, reference, points)
     failed = [(p, o) for p, o in zip(points, outcomes) if o != "identical"]
     assert not failed, failed
     assert not layout.stale_temp_files(root / f"kill-{points[0][0]}")  # a resumed run leaves no temporary file
@@ -47,15 +44,7 @@ def test_kill_anywhere_then_resume_gives_identical_outputs(world):
 
 def test_every_damaged_artifact_is_recomputed_or_a_clean_error(world):
     root, config, reference_run, reference, _ = world
-    cases = [(kind, how) for kind in faults.ARTIFACTS for how in faults.DAMAGES]
-
-    def one(case):
-        kind, how = case
-        run = faults.copy_run(reference_run, root / f"damage-{kind.replace(' ', '_')}-{how}")
-        return faults.damage_outcome(config, run, reference, kind, how)
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        outcomes = dict(zip(cases, pool.map(one, cases)))
+    outcomes = faults.damage_cases(config, root, reference_run, reference)
     wrong = {case: o for case, o in outcomes.items() if o.startswith("WRONG")}
     assert not wrong, wrong
     # what may only be an error: a damaged generations meta file (its answers cannot be matched to settings)

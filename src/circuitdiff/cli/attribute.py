@@ -29,11 +29,8 @@ def run(args) -> int:
 
     from circuitdiff.attribute import attribute, loss_convention
 
-    from circuitdiff.models.checks import check_device
-
-    out = Path(options.writable_file(args.out))
-    if args.device != "auto":
-        check_device(args.device)
+    options.check_early(args, out="file")
+    out = Path(args.out)
     work = out.with_name(out.name + ".parts")
     result = attribute(args.model, args.samples, granularity=args.granularity, batch_size=args.batch_size,
                        dtype=args.dtype, device=args.device, gradient_checkpointing=args.gradient_checkpointing,

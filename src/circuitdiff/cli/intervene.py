@@ -38,12 +38,7 @@ def run(args) -> int:
     from circuitdiff.store import layout
     from circuitdiff.store.artifacts import read_manifest
 
-    from circuitdiff.models.checks import check_device
-
-    if args.out:
-        options.writable_dir(args.out)
-    if args.device != "auto":
-        check_device(args.device)
+    options.check_early(args)
     settings = options.settings_from(
         InterventionConfig, "intervene", role=args.role, edges=args.edges, objective=args.objective, k=args.k,
         factor=args.factor,

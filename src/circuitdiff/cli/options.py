@@ -71,6 +71,16 @@ def writable_dir(path: str) -> str:
     return path
 
 
+def check_early(args, out: str = "dir") -> None:
+    """Before any work: --out ("dir": a directory, "file": a file; when given) and --device."""
+    from circuitdiff.models.checks import check_device
+
+    if getattr(args, "out", None):
+        (writable_dir if out == "dir" else writable_file)(args.out)
+    if args.device != "auto":
+        check_device(args.device)
+
+
 def settings_from(cls, origin: str, **values):
     """A pydantic settings object from command-line values; a bad value is one line naming the flag."""
     try:

@@ -36,13 +36,9 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from circuitdiff.errors import UserError
-    from circuitdiff.models.checks import check_device
     from circuitdiff.store import layout
 
-    if args.out:
-        options.writable_dir(args.out)
-    if args.device != "auto":
-        check_device(args.device)
+    options.check_early(args)
 
     if args.run:
         from circuitdiff.config import ValidationConfig

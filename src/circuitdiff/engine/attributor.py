@@ -158,30 +158,11 @@ class EdgeAttributor:
 
     def _tap_input(self, state: _Pass, dst: int):
         """Pre-hook: give the module a view of its input whose gradient is contracted as destination dst."""
-
-        def hook(module, args):
-            x = args[0]
-            if not x.requires_grad:
-                return None
-            view = x.view_as(x)
-            view.register_hook(lambda g: self._contract(state, dst, g.detach()[:, None]))
-            return (view,) + tuple(args[1:])
-
-        return hook
+        return _input_tap(lambda g: self._contract(state, dst, g.detach()[:, None]))
 
     def _tap_projection_input(self, state: _Pass, group: DestGroup):
         """q/k/v destination (qkv): the gradient at the projection's input, back through the norm."""
-
-        def hook(module, args):
-            y = args[0]
-            if not y.requires_grad:
-                return None
-            view = y.view_as(y)
-            view.register_hook(
-                lambda g: self._contract(state, group.first, _through_norm(state, group, g.detach()[:, None])))
-            return (view,) + tuple(args[1:])
-
-        return hook
+        return _input_tap(lambda g: self._contract(state, group.first, _through_norm(state, group, g.detach()[:, None])))
 
     def _tap_projection_output(self, state: _Pass, group: DestGroup):
         """Per-head destinations: each head's (or kv group's) input gradient, then back through the norm."""
@@ -203,6 +184,21 @@ class EdgeAttributor:
             return view
 
         return hook
+
+
+def _input_tap(on_grad):
+    """A pre-hook that hands the module a fresh view of its input and calls on_grad with that view's gradient:
+    exactly the gradient that flows back through this module (the residual branch keeps the original tensor)."""
+
+    def hook(module, args):
+        x = args[0]
+        if not x.requires_grad:
+            return None
+        view = x.view_as(x)
+        view.register_hook(on_grad)
+        return (view,) + tuple(args[1:])
+
+    return hook
 
 
 def _make_leaf(state: _Pass, module, args, output):
