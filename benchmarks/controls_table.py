@@ -2,7 +2,7 @@
 
     python benchmarks/controls_table.py runs/demo/report/metrics.csv [--alpha 0.1] [--entries all]
 
-Rows: objective (nll, logit) x text (own; same text = both models on the base's / the tuned
+Rows: method (eap, and eap-ig when the run has it) x objective (nll, logit) x text (own; same text = both models on the base's / the tuned
 model's answers). Columns: Activation Intensity (raw; on the unit scale it is 1 by
 construction), Information Complexity on the raw and the unit scale, Distribution Kurtosis and
 Diversity (both scale-free: their raw and unit values agree). A cell is tuned - base as a
@@ -41,26 +41,30 @@ def main() -> None:
     with open(args.metrics_csv, newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["alpha"] == args.alpha and r["entries"] == args.entries]
     dataset = args.dataset or rows[0]["dataset"]
-    index = {(r["objective"], r["text"], r["metric"], r["scale"], r["role"]): r for r in rows if r["dataset"] == dataset}
+    method = lambda r: r.get("method") or "eap"  # noqa: E731  (files from before the method column: EAP)
+    index = {(method(r), r["objective"], r["text"], r["metric"], r["scale"], r["role"]): r
+             for r in rows if r["dataset"] == dataset}
+    methods = sorted({key[0] for key in index}, key=lambda m: (m != "eap", m))
     n = {r["n_samples"] for r in rows if r["dataset"] == dataset}
     print(f"{dataset}, alpha {args.alpha}, entries {args.entries}, n = {'/'.join(sorted(n))}: tuned - base in % of "
           "the base value [95% CI]; arrow where the CI excludes 0\n")
-    print("| objective | text | " + " | ".join(label for *_, label in COLUMNS) + " |")
-    print("|---|---|" + "---|" * len(COLUMNS))
+    print("| method | objective | text | " + " | ".join(label for *_, label in COLUMNS) + " |")
+    print("|---|---|---|" + "---|" * len(COLUMNS))
     tally: dict[str, Counter] = {label: Counter() for *_, label in COLUMNS}
-    for objective in ("nll", "logit"):
-        for text, title in TEXTS.items():
-            if (objective, text, "activation_intensity", "raw", "diff") not in index:
-                continue
-            cells = []
-            for metric, scale, label in COLUMNS:
-                text_cell, arrow = cell(index[(objective, text, metric, scale, "diff")],
-                                        index[(objective, text, metric, scale, "base")])
-                cells.append(text_cell)
-                tally[label][{"↑": "up", "↓": "down", "": "not resolved"}[arrow]] += 1
-            print(f"| {objective} | {title} | " + " | ".join(cells) + " |")
+    for m in methods:
+        for objective in ("nll", "logit"):
+            for text, title in TEXTS.items():
+                if (m, objective, text, "activation_intensity", "raw", "diff") not in index:
+                    continue
+                cells = []
+                for metric, scale, label in COLUMNS:
+                    text_cell, arrow = cell(index[(m, objective, text, metric, scale, "diff")],
+                                            index[(m, objective, text, metric, scale, "base")])
+                    cells.append(text_cell)
+                    tally[label][{"↑": "up", "↓": "down", "": "not resolved"}[arrow]] += 1
+                print(f"| {m} | {objective} | {title} | " + " | ".join(cells) + " |")
     summary = [", ".join(f"{k} {v}" for k, v in sorted(tally[label].items())) for *_, label in COLUMNS]
-    print("| **all controls** | | " + " | ".join(summary) + " |")
+    print("| **all controls** | | | " + " | ".join(summary) + " |")
 
 
 if __name__ == "__main__":

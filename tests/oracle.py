@@ -41,12 +41,17 @@ def _linear(x, module):
 
 
 class Gates:
-    """One scalar gate per (destination, source) edge, all 1, requiring grad."""
+    """One scalar gate per (destination, source) edge, all 1, requiring grad.
 
-    def __init__(self, graph: Graph, dtype):
+    `probe`: fixed tensors (e.g. the clean run's source outputs), one per source, added to each destination
+    input with their own zero-valued gates `probe_values`: -dL/dprobe_value[d, u] = -<dL/dx_d, probe[u]>."""
+
+    def __init__(self, graph: Graph, dtype, probe: list | None = None):
         self.graph = graph
         self.values = torch.ones(len(graph.dst_names), len(graph.src_names), dtype=dtype, requires_grad=True)
         self.mask = torch.as_tensor(graph.edge_mask)
+        self.probe = probe
+        self.probe_values = torch.zeros(len(graph.dst_names), len(graph.src_names), dtype=dtype, requires_grad=True)
 
     def mix(self, dst_name: str, sources: list[torch.Tensor]) -> torch.Tensor:
         """Input of destination `dst_name`: sum over the sources before it, each times its gate."""
@@ -54,7 +59,10 @@ class Gates:
         n = int(self.mask[d].sum())
         assert n == len(sources), (dst_name, n, len(sources))
         stacked = torch.stack(sources[:n], dim=0)  # [n, batch, pos, d]
-        return torch.einsum("s,sbtd->btd", self.values[d, :n], stacked)
+        x = torch.einsum("s,sbtd->btd", self.values[d, :n], stacked)
+        if self.probe is not None:
+            x = x + torch.einsum("s,sbtd->btd", self.probe_values[d, :n], torch.stack(self.probe[:n], dim=0))
+        return x
 
 
 def _loss(logits, samples):
@@ -78,8 +86,11 @@ def _inputs(samples):
     return ids, mask
 
 
-def naive_gated_forward(model, samples, granularity="block"):
-    """(loss, gates, logits) of a Llama-family model rebuilt from its weights with per-edge gates."""
+def naive_gated_forward(model, samples, granularity="block", embed_scale=1.0, probe=None, objective="nll", keep=None):
+    """(loss, gates, logits) of a Llama-family model rebuilt from its weights with per-edge gates.
+
+    embed_scale multiplies the embedding (the integrated-gradient path); probe: see Gates; objective "logit":
+    minus the mean centred logit of the answer tokens; keep: a list that receives the source outputs."""
     config = model.config
     base = model.model
     n_layers = len(base.layers)
@@ -89,7 +100,7 @@ def naive_gated_forward(model, samples, granularity="block"):
     KV = attn0.k_proj.out_features // dh
     dtype = base.embed_tokens.weight.dtype
     graph = Graph(n_layers, granularity, H, KV)
-    gates = Gates(graph, dtype)
+    gates = Gates(graph, dtype, probe)
 
     ids, mask = _inputs(samples)
     n_batch, n_pos = ids.shape
@@ -99,7 +110,8 @@ def naive_gated_forward(model, samples, granularity="block"):
     causal = torch.tril(torch.ones(n_pos, n_pos, dtype=torch.bool))
     allowed = causal[None, None] & mask[:, None, None, :]  # [b, 1, q, k]
 
-    sources = [base.embed_tokens.weight[ids]]
+    sources = keep if keep is not None else []
+    sources.append(base.embed_tokens.weight[ids] * embed_scale)
     for l, layer in enumerate(base.layers):
         attn = layer.self_attn
         norm = lambda x: _rms(x, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
@@ -151,7 +163,25 @@ def naive_gated_forward(model, samples, granularity="block"):
 
     final = _rms(gates.mix("logits", sources), base.norm.weight, base.norm.variance_epsilon)
     logits = final @ model.lm_head.weight.T
-    return _loss(logits, samples), gates, logits
+    return (_loss(logits, samples) if objective == "nll" else _logit_loss(logits, samples)), gates, logits
+
+
+def _logit_loss(logits, samples):
+    total = 0.0
+    for row, s in enumerate(samples):
+        p, cut = len(s["prompt_ids"]), s["cut_len"]
+        picked = logits[row, p - 1 : p - 1 + cut]
+        target = torch.tensor(s["answer_ids"][:cut])
+        total = total - (picked[torch.arange(cut), target] - picked.mean(-1)).mean()
+    return total
+
+
+def ig_integrand(model, sample, t, clean_sources, granularity="block", objective="nll"):
+    """[n_dst, n_src]: -<dL/dx_d at the input scaled by t, O_u of the clean input>, by autograd on the probes."""
+    loss, gates, _ = naive_gated_forward(model, [sample], granularity, embed_scale=t,
+                                         probe=[c.detach() for c in clean_sources], objective=objective)
+    (grad,) = torch.autograd.grad(loss, gates.probe_values)
+    return -grad
 
 
 def composed_gated_forward(model, adapter, samples):
@@ -209,8 +239,8 @@ def preset_gates(gates: dict):
     original = Gates
 
     class Preset(original):
-        def __init__(self, graph, dtype):
-            super().__init__(graph, dtype)
+        def __init__(self, graph, dtype, probe=None):
+            super().__init__(graph, dtype, probe)
             with torch.no_grad():
                 for (dst, src), value in gates.items():
                     self.values[graph.dst_index[dst], graph.src_index[src]] = value

@@ -138,8 +138,8 @@ def test_edge_change_shows_the_planted_source(report):
 def test_tables_have_paper_layout_and_arrows(report):
     _, out, _ = report
     md = (out / "table.md").read_text()
-    assert "## each model on its own answers; objective = nll, entries = all, alpha = 0.1" in md
-    assert "## each model on its own answers; objective = nll, entries = edges, alpha = 0.3" in md
+    assert "## each model on its own answers; objective = nll, method = eap, entries = all, alpha = 0.1" in md
+    assert "## each model on its own answers; objective = nll, method = eap, entries = edges, alpha = 0.3" in md
     assert "| Dataset | Metric | unit scale: base → tuned; Δ [95% CI]; p | raw scale:" in md  # unit first
     intensity = [line for line in md.splitlines() if line.startswith("| planted | Act. Intens.")]
     assert intensity and all("↑" in line and "1 (by construction)" in line for line in intensity)

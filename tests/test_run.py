@@ -216,6 +216,39 @@ def test_same_text_scores_both_models_on_identical_tokens(pair, world, tmp_path)
     assert "Same text" in html and "both models on the base model&#x27;s answers" in html
 
 
+def test_a_second_method_adds_its_files_and_keeps_the_eap_ones(pair, world, tmp_path):
+    """method: [eap, eap-ig] after a run with eap only: the EAP files stay up to date (their keys name no method),
+    the EAP-IG files equal `attribute(method="eap-ig")` on the same samples, and the report compares both."""
+    import csv
+
+    from circuitdiff.config import override
+    from circuitdiff.report import Settings, build_report
+
+    run = tmp_path / "run"
+    cfg = make_config(pair, world["data"], alphas=[0.1])
+    run_stages(RunContext(cfg, run, progress=False, log=lambda *_: None))
+    log = []
+    run_stages(RunContext(override(cfg, {"method": ["eap", "eap-ig"], "ig_steps": 2}), run, progress=False,
+                          log=log.append))
+    assert any("method=eap: up to date" in line for line in log)
+    sel = read_json(layout.selection(run, "gsm8k", 0.1))
+    rows = {r["idx"]: r for r in read_rows(layout.generations(run, "tuned", "gsm8k"))}
+    samples = [{"prompt_ids": rows[i]["prompt_ids"], "answer_ids": rows[i]["answer_ids"], "cut_len": sel["T_cut"]}
+               for i in sel["idx"]]
+    W = Attribution.load(layout.attribution(run, "tuned", "gsm8k", 0.1, objective="nll", method="eap-ig2"))
+    direct = attribute(load_model(str(pair[1]), "float64"), samples, method="eap-ig", ig_steps=2)
+    np.testing.assert_allclose(W.scores, direct.scores.astype(np.float32), rtol=1e-6, atol=1e-9)
+    assert W.meta["method"] == "eap-ig2" and "Riemann midpoint" in W.meta["method_definition"]
+    assert set(read_json(layout.manifest(run))["conventions"]["attribution"]["method"]) == {"eap", "eap-ig2"}
+    out = build_report(run, Settings(n_boot=200, n_perm=200, entries=("edges",)))
+    with open(out / "metrics.csv") as f:
+        assert {(r["objective"], r["method"]) for r in csv.DictReader(f)} == {("nll", "eap"), ("nll", "eap-ig2")}
+    with pytest.raises(UserError, match="ig_steps"):
+        override(cfg, {"method": ["eap-ig"], "ig_steps": 0})
+    with pytest.raises(UserError, match="method"):
+        override(cfg, {"method": ["eap", "eap"]})
+
+
 def test_same_text_needs_the_other_models_answers(pair, world, tmp_path):
     run = tmp_path / "run"
     cfg = make_config(pair, world["data"], text="base", alphas=[0.1])

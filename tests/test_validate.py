@@ -186,6 +186,23 @@ def test_cli_run_dir_mode_reads_the_selection(tmp_path, capsys):
     expected = attribute(model, samples).loss
     np.testing.assert_allclose(data["clean_loss"], expected, rtol=1e-5)
 
+    # --method eap-ig: its own file beside EAP's, the same summary keys, W = the engine's EAP-IG, dL unchanged
+    assert main(["validate", "--run", str(run), "--role", "base", "--dataset", "gsm8k", "--alpha", "0.1",
+                 "--n-samples", "4", "--method", "eap-ig", "--ig-steps", "3"]) == 0
+    assert "W (eap-ig3)" in capsys.readouterr().out
+    ig = json.loads(layout.validation(run, "base", "gsm8k", 0.1, method="eap-ig3").read_text())
+    assert ig["meta"]["method"] == "eap-ig3" and data["meta"]["method"] == "eap"
+    assert set(ig["summary"]) == set(data["summary"])
+    ig_result = Validation.load(layout.validation(run, "base", "gsm8k", 0.1, method="eap-ig3"))
+    eap_result = Validation.load(layout.validation(run, "base", "gsm8k", 0.1))
+    assert ig_result.edges == eap_result.edges
+    np.testing.assert_allclose(ig_result.dL, eap_result.dL, rtol=1e-6)
+    W_ig = attribute(model, samples, method="eap-ig", ig_steps=3).scores
+    graph = EdgeEditor(model, "block").graph
+    for k, e in enumerate(ig_result.edges):
+        np.testing.assert_allclose(ig_result.W[:, k], W_ig[:, graph.dst_index[e.dst], graph.src_index[e.src]],
+                                   rtol=1e-5, atol=1e-7)
+
 
 def test_cli_bad_input_is_one_line(tmp_path, capsys):
     _, run, _ = _tiny_run(tmp_path, n_selected=0)

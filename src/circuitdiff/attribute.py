@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from circuitdiff import io
-from circuitdiff.choices import OBJECTIVES
+from circuitdiff.choices import DEFAULT_IG_RULE, DEFAULT_IG_STEPS, OBJECTIVES, method_definition, method_label
 from circuitdiff.engine import EdgeAttributor, input_device, make_batch, pad_id_of
 from circuitdiff.errors import UserError
 from circuitdiff.graph import GRANULARITIES
@@ -49,6 +49,9 @@ def attribute(
     device: str = "cpu",
     gradient_checkpointing: bool = False,
     objective: str = "nll",
+    method: str = "eap",
+    ig_steps: int = DEFAULT_IG_STEPS,
+    ig_rule: str = DEFAULT_IG_RULE,
     work_dir: str | Path | None = None,
     progress: bool = False,
     log=None,
@@ -68,12 +71,13 @@ def attribute(
     spec, model, hf_model = resolve_model(model, dtype, device)
 
     check_vocabulary(samples, hf_model.get_input_embeddings().weight.shape[0])
-    engine = EdgeAttributor(hf_model, granularity, gradient_checkpointing, objective)
+    engine = EdgeAttributor(hf_model, granularity, gradient_checkpointing, objective, method, ig_steps, ig_rule)
+    label = method_label(method, ig_steps, ig_rule)
     device_in, pad_id = input_device(hf_model), pad_id_of(hf_model)
     # longest first: similar lengths share a batch, and a memory error shows up at once
     order = sorted(range(len(samples)), key=lambda i: -(len(samples[i]["prompt_ids"]) + samples[i]["cut_len"]))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    key = _parts_key(hf_model, spec, granularity, samples, batch_size, objective)
+    key = _parts_key(hf_model, spec, granularity, samples, batch_size, f"{objective}/{label}")
     work = Path(work_dir) if work_dir is not None else None
 
     scores = np.zeros((len(samples), len(engine.graph.dst_names), len(engine.graph.src_names)),
@@ -92,7 +96,8 @@ def attribute(
         scores[rows], losses[rows] = W, loss
 
     meta = {
-        "method": "EAP (edge attribution patching, first order, one forward + one backward per batch)",
+        "method": label,
+        "method_definition": method_definition(method, ig_steps, ig_rule),
         "granularity": granularity,
         "objective": objective,
         "loss": loss_convention(objective),

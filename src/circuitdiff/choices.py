@@ -19,6 +19,34 @@ OBJECTIVES = {
              "minus the mean logit over the vocabulary; raw LM head output, no soft-capping)",
 }
 
+METHODS = {
+    "eap": "W[d,u] = -<dL/dx_d, O_u>: the first-order change of L when edge u->d is removed (one forward + backward)",
+    "eap-ig": "W[d,u] = -<integral over t in [0, 1] of dL/dx_d on the input scaled by t, O_u of the clean input>: "
+              "integrated gradients from the all-zero input (every edge zero-ablated) to the clean one, K quadrature "
+              "points (one forward + backward each) plus one clean forward",
+}
+DEFAULT_IG_STEPS = 8  # EAP-IG's default K: the cost cap (~8 EAP passes) at which docs/validation.md measured it
+DEFAULT_IG_RULE = "midpoint"  # its points stay off t ~ 0, where the first norm's input is ~0 (docs/validation.md)
+IG_RULES = {
+    "gauss": "Gauss-Legendre nodes and weights on [0, 1]",
+    "midpoint": "t = (k + 1/2) / K, weights 1/K (Riemann midpoint)",
+    "right": "t = k / K for k = 1..K, weights 1/K (K = 1: t = 1, exactly EAP)",
+}
+
+
+def method_label(method: str, ig_steps: int = DEFAULT_IG_STEPS, ig_rule: str = DEFAULT_IG_RULE) -> str:
+    """"eap", or "eap-ig8" / "eap-ig8-gauss" (a rule other than the default is named): how a W file was
+    scored, in file names and tables."""
+    if method == "eap":
+        return "eap"
+    return f"eap-ig{ig_steps}" + ("" if ig_rule == DEFAULT_IG_RULE else f"-{ig_rule}")
+
+
+def method_definition(method: str, ig_steps: int = DEFAULT_IG_STEPS, ig_rule: str = DEFAULT_IG_RULE) -> str:
+    """What a method label means, in words (recorded with every W file)."""
+    return METHODS[method] + (f"; {IG_RULES[ig_rule]}, K = {ig_steps}" if method != "eap" else "")
+
+
 TEXTS = {
     "own": "each model on its own greedy answers (the paper's)",
     "base": "both models on the base model's answers, and each on its own",

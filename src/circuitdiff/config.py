@@ -14,7 +14,8 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from circuitdiff.choices import DTYPE_NAMES, OBJECTIVES, TEXTS
+from circuitdiff.choices import (DEFAULT_IG_RULE, DEFAULT_IG_STEPS, DTYPE_NAMES, IG_RULES, METHODS, OBJECTIVES, TEXTS,
+                                 method_label)
 from circuitdiff.errors import UserError
 from circuitdiff.prompts import INSTRUCTION, PRESETS
 from circuitdiff.store.layout import ROLES, dataset_key
@@ -85,6 +86,18 @@ class SelectionConfig(_Strict):
 
 Role = Literal[ROLES]
 Objective = Literal[tuple(OBJECTIVES)]
+Method = Literal[tuple(METHODS)]
+
+
+class _Scored(_Strict):
+    """How W is scored: EAP, or EAP-IG with `ig_steps` points of `ig_rule` (choices.METHODS, IG_RULES)."""
+
+    ig_steps: int = Field(DEFAULT_IG_STEPS, gt=0, description="eap-ig: quadrature points (one forward + backward each)")
+    ig_rule: Literal[tuple(IG_RULES)] = Field(DEFAULT_IG_RULE, description="eap-ig: midpoint, gauss or right")
+
+    def label(self, method: str) -> str:
+        """The method's name in folders, tables and meta: "eap", "eap-ig8"."""
+        return method_label(method, self.ig_steps, self.ig_rule)
 
 
 class GradingConfig(_Strict):
@@ -93,7 +106,7 @@ class GradingConfig(_Strict):
                               "graded by its text like any other (lenient, the authors' evaluation)")
 
 
-class ValidationConfig(_Strict):
+class ValidationConfig(_Scored):
     """The optional `validation` stage: EAP vs exact edge ablation on a few selected samples."""
 
     roles: list[Role] = Field(default_factory=lambda: ["tuned"], min_length=1)
@@ -102,13 +115,14 @@ class ValidationConfig(_Strict):
     n_samples: int = Field(4, gt=0, description="the first N selected samples")
     granularity: Literal["block", "qkv", "head"] = "block"
     objective: Objective = "nll"
+    method: Method = Field("eap", description="the scores compared with exact ablation: eap or eap-ig")
     max_edges: int | None = Field(-1, description="-1: every edge at block, 300 random at qkv/head; None: every edge")
     seed: int = 0
     sign_threshold: float = Field(1e-5, gt=0)
     batch_size: int = Field(32, ge=2, description="rows per forward: 1 clean + B-1 edges (does not change a result)")
 
 
-class InterventionConfig(_Strict):
+class InterventionConfig(_Scored):
     """The optional `intervention` stage: scale chosen edges vs random control edges."""
 
     role: Role = "tuned"
@@ -116,6 +130,7 @@ class InterventionConfig(_Strict):
     alpha: float | None = Field(None, description="None: the run's first alpha")
     edges: str = Field("top-grown", description="top-grown, top, or a comma list 'u->d,...'")
     objective: Objective = Field("nll", description="the loss measured, and the W files top/top-grown read")
+    method: Method = Field("eap", description="the W files (eap or eap-ig) that top/top-grown rank edges by")
     k: int = Field(10, gt=0)
     factor: float = 0.0
     n_random: int = Field(5, ge=0)
@@ -127,7 +142,7 @@ class InterventionConfig(_Strict):
     loss_batch_size: int = Field(8, gt=0)
 
 
-class RunConfig(_Strict):
+class RunConfig(_Scored):
     name: str = "run"
     out: str | None = Field(None, description="run directory (default: runs/<name>); --out overrides it")
     base: ModelConfig
@@ -141,6 +156,8 @@ class RunConfig(_Strict):
     granularity: Literal["block", "qkv", "head"] = "block"
     objective: list[Objective] = Field(default_factory=lambda: ["nll"], min_length=1,
                                        description="nll (the paper's), logit (does not saturate), or both")
+    method: list[Method] = Field(default_factory=lambda: ["eap"], min_length=1,
+                                 description="eap (the paper's), eap-ig (integrated gradients), or both")
     text: Literal[tuple(TEXTS)] = Field("own", description="own (the paper's), base, tuned or both: see choices.TEXTS")
     dtype: Literal[DTYPE_NAMES] = "float32"
     device: str = "cpu"
@@ -157,13 +174,17 @@ class RunConfig(_Strict):
     validation: ValidationConfig | None = Field(None, description="run the validation stage after attribution")
     intervention: InterventionConfig | None = Field(None, description="run the intervention stage after validation")
 
-    @field_validator("objective", mode="before")
+    @field_validator("objective", "method", mode="before")
     @classmethod
-    def _objectives(cls, value):
+    def _listed(cls, value, info):
         value = [value] if isinstance(value, str) else value
         if isinstance(value, list) and len(set(value)) != len(value):
-            raise ValueError("objective repeats a value")
+            raise ValueError(f"{info.field_name} repeats a value")
         return value
+
+    def scorings(self) -> list[tuple[str, str]]:
+        """(objective, method label) of every W file per view: each objective by each method."""
+        return [(objective, self.label(method)) for objective in self.objective for method in self.method]
 
     def views(self) -> list[tuple[str, str]]:
         """(model, text) pairs to attribute: each model on its own answers, plus the same-text ones of `text`."""
@@ -240,3 +261,8 @@ def load_config(arg: str) -> RunConfig:
     except yaml.YAMLError as err:
         raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     return parse_config(data, str(path))
+
+
+def override(config: RunConfig, values: dict, origin: str = "command line") -> RunConfig:
+    """`config` with some fields replaced (e.g. from `circuitdiff run --method`), checked like the YAML."""
+    return parse_config({**config.model_dump(exclude_defaults=True), **values}, origin)

@@ -26,7 +26,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
-from circuitdiff.config import RunConfig, load_config
+from circuitdiff.choices import method_definition
+from circuitdiff.config import RunConfig, load_config, override
 from circuitdiff.data import Problem, load_problems
 from circuitdiff.errors import UserError
 from circuitdiff.io import DamagedFile, read_json, write_json
@@ -147,7 +148,9 @@ def write_manifest(ctx: RunContext) -> None:
             "grading": GRADING_CONVENTIONS,
             "selection": {**SELECTION_CONVENTIONS, **cfg.selection.model_dump(), "n_samples": cfg.n_samples,
                           "alphas": cfg.alphas},
-            "attribution": attribution_conventions(cfg.granularity, cfg.objective, cfg.text),
+            "attribution": attribution_conventions(cfg.granularity, cfg.objective, cfg.text,
+                                                   {cfg.label(m): method_definition(m, cfg.ig_steps, cfg.ig_rule)
+                                                    for m in cfg.method}),
         },
     })
     data.setdefault("started", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
@@ -244,9 +247,13 @@ def run_stages(ctx: RunContext, until: str = "intervention") -> Path:
 
 
 def run(config: RunConfig | str, run_dir: str | Path | None = None, until: str = "intervention",
-        progress: bool = True, log=print) -> Path:
-    """Run the pipeline for `config` (a RunConfig, a YAML path or a preset name) into `run_dir`."""
+        progress: bool = True, log=print, **overrides) -> Path:
+    """Run the pipeline for `config` (a RunConfig, a YAML path or a preset name) into `run_dir`.
+
+    overrides: config fields to replace (e.g. method=["eap", "eap-ig"], ig_steps=4), checked like the YAML."""
     if isinstance(config, str):
         config = load_config(config)
+    if overrides:
+        config = override(config, overrides)
     run_dir = Path(run_dir or config.out or Path("runs") / config.name)
     return run_stages(RunContext(config, run_dir, progress=progress, log=log), until)

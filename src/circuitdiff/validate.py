@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from circuitdiff import io
-from circuitdiff.choices import OBJECTIVES, check_choice
+from circuitdiff.choices import DEFAULT_IG_RULE, DEFAULT_IG_STEPS, OBJECTIVES, check_choice
 from circuitdiff.errors import UserError
 from circuitdiff.graph import Edge, Graph, all_edges, as_edge, edge_index, parse_node
 
@@ -108,7 +108,7 @@ class Validation:
             "n_edges": len(self.edges),
             "clean_loss": self.clean_loss.tolist(),
             "conventions": conventions(self.summary.get("sign_threshold", DEFAULT_SIGN_THRESHOLD),
-                                       self.meta.get("objective", "nll")),
+                                       self.meta.get("objective", "nll"), self.meta.get("method_definition")),
             "meta": {k: v for k, v in self.meta.items() if k not in TIMINGS},  # a result holds no wall-clock time
             "edges": [
                 {"edge": e.name, "src": e.src, "dst": e.dst, "dL_mean": float(dL_mean[i]), "W_mean": float(W_mean[i]),
@@ -141,11 +141,13 @@ def units(objective: str = "nll") -> str:
     return "nats" if objective == "nll" else "logits"
 
 
-def conventions(sign_threshold: float = DEFAULT_SIGN_THRESHOLD, objective: str = "nll") -> dict:
+def conventions(sign_threshold: float = DEFAULT_SIGN_THRESHOLD, objective: str = "nll",
+                method_definition: str | None = None) -> dict:
     return {
         "ablation": ABLATION_CONVENTION,
         "loss": loss_convention(objective),
         "eap": EAP_CONVENTION,
+        "method": method_definition or "eap: " + EAP_CONVENTION,
         "correlations": "Spearman and Pearson over the chosen edges of the sample-mean dL and sample-mean W "
                         "(*_pooled: over every (sample, edge) pair; *_per_sample: over edges, one value per sample)",
         "sign_agreement": f"fraction of edges with sign(W_mean) == sign(dL_mean) among edges with |dL_mean| > {sign_threshold:g} {units(objective)} "
@@ -181,6 +183,9 @@ def validate(
     device: str = "cpu",
     sign_threshold: float = DEFAULT_SIGN_THRESHOLD,
     objective: str = "nll",
+    method: str = "eap",
+    ig_steps: int = DEFAULT_IG_STEPS,
+    ig_rule: str = DEFAULT_IG_RULE,
     progress: bool = False,
 ) -> Validation:
     """Exact ablation dL and EAP W for the chosen edges on `samples`, and their agreement.
@@ -208,7 +213,8 @@ def validate(
         raise UserError("no edges to validate")
 
     t0 = time.perf_counter()
-    attr = attribute(hf, samples, granularity=granularity, batch_size=1, objective=objective)
+    attr = attribute(hf, samples, granularity=granularity, batch_size=1, objective=objective, method=method,
+                     ig_steps=ig_steps, ig_rule=ig_rule)
     t_eap = time.perf_counter() - t0
     g = nodes.graph
     rows, cols = edge_index(edges, g)
@@ -232,6 +238,8 @@ def validate(
         "seconds_eap": round(t_eap, 3),
         "seed": seed,
         "objective": objective,
+        "method": attr.meta["method"],
+        "method_definition": attr.meta["method_definition"],
         "sample_lengths": [len(s["prompt_ids"]) + s["cut_len"] for s in samples],
         "cut_len": [s["cut_len"] for s in samples],
     }
@@ -298,7 +306,8 @@ def summary_line(result: Validation) -> str:
     s = result.summary
     return (
         f"{len(result.edges)} edges ({s['edges_chosen']}), granularity={result.granularity}, {result.dL.shape[0]} samples; "
-        f"over edges, sample-mean EAP W vs exact zero-ablation dL: Spearman {s['spearman']:.4f}, Pearson {s['pearson']:.4f}, "
+        f"over edges, sample-mean W ({result.meta.get('method', 'eap')}) vs exact zero-ablation dL: Spearman "
+        f"{s['spearman']:.4f}, Pearson {s['pearson']:.4f}, "
         f"Spearman of |.| {s['spearman_abs']:.4f}; sign agreement {s['sign_agreement']:.4f} over the {s['n_sign_edges']} "
         f"edges with |dL| > {s['sign_threshold']:g} {units(result.meta.get('objective', 'nll'))} "
         f"({s['sign_agreement_W_pos']:.4f} of the {s['n_W_pos']} with W > 0, "

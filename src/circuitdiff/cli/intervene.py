@@ -17,6 +17,7 @@ def register(subparsers) -> None:
                    help="top-grown (largest mean|W_tuned| - mean|W_base|), top (largest mean|W| of the role), "
                         "or a comma list 'u->d,...'")
     options.add_objective(p)
+    options.add_method(p)
     p.add_argument("--k", type=int, default=10, help="number of edges for top/top-grown (default 10)")
     p.add_argument("--factor", type=float, default=0.0, help="scale factor c (0 = remove, 1 = unchanged; default 0)")
     p.add_argument("--n-random", type=int, default=5, help="random control draws of k edges (default 5)")
@@ -26,7 +27,7 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     options.add_dtype_device(p, dtype_default=None)
     p.add_argument("--gen-batch-size", type=int, default=16)
-    p.add_argument("--out", help="output directory (default RUN_DIR/intervention/{objective}/{role}/{dataset}/alpha={a}/)")
+    p.add_argument("--out", help="output directory (default RUN_DIR/intervention/{scoring}/{role}/{dataset}/alpha={a}/)")
     p.set_defaults(func=run)
 
 
@@ -40,7 +41,8 @@ def run(args) -> int:
 
     options.check_early(args)
     settings = options.settings_from(
-        InterventionConfig, "intervene", role=args.role, edges=args.edges, objective=args.objective, k=args.k,
+        InterventionConfig, "intervene", role=args.role, edges=args.edges, objective=args.objective, method=args.method,
+        ig_steps=args.ig_steps, ig_rule=args.ig_rule, k=args.k,
         factor=args.factor,
         n_random=args.n_random, n_questions=args.n_questions, max_new_tokens=args.max_new_tokens,
         accuracy=not args.no_accuracy, seed=args.seed, gen_batch_size=args.gen_batch_size)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
-from circuitdiff.choices import DTYPE_NAMES, OBJECTIVES
+from circuitdiff.choices import DEFAULT_IG_RULE, DEFAULT_IG_STEPS, DTYPE_NAMES, IG_RULES, METHODS, OBJECTIVES
 from circuitdiff.errors import UserError
 from circuitdiff.graph import GRANULARITIES
 from circuitdiff.store.layout import ROLES
@@ -33,6 +33,17 @@ def add_objective(p) -> None:
     p.add_argument("--objective", choices=list(OBJECTIVES), default="nll",
                    help="nll: mean NLL of the answer tokens (the paper's; saturates as the model grows sure); logit: "
                         "minus the mean centred logit of the answer tokens (linear in the final norm's output)")
+
+
+def add_method(p, default_steps: int = DEFAULT_IG_STEPS) -> None:
+    """--method, --ig-steps, --ig-rule: how W is scored."""
+    p.add_argument("--method", choices=list(METHODS), default="eap",
+                   help="eap: first order, one forward + backward (the paper's); eap-ig: integrated gradients from the "
+                        "zero input, --ig-steps forward + backward passes")
+    p.add_argument("--ig-steps", type=int, default=default_steps,
+                   help=f"eap-ig: quadrature points K (default {default_steps}; cost ~K+1 EAP passes)")
+    p.add_argument("--ig-rule", choices=list(IG_RULES), default=DEFAULT_IG_RULE,
+                   help="eap-ig: midpoint (Riemann, default), gauss (Gauss-Legendre), right (t=k/K; K=1 is EAP)")
 
 
 def add_run_target(p, run_required: bool = False, role_default: str = "tuned") -> None:

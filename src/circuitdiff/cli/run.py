@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from circuitdiff.choices import METHODS
 from circuitdiff.pipeline import STAGES
 
 
@@ -16,6 +17,9 @@ def register(subparsers) -> None:
     )
     p.add_argument("config", help=f"YAML config, or a preset: {', '.join(preset_names())}")
     p.add_argument("--out", help="run directory (default: the config's `out`, else runs/<name>)")
+    p.add_argument("--method", nargs="+", choices=list(METHODS),
+                   help="override the config's attribution method(s): eap, eap-ig, or both (eap eap-ig)")
+    p.add_argument("--ig-steps", type=int, help="override the config's ig_steps (eap-ig quadrature points)")
     p.add_argument("--until", choices=STAGES, default=STAGES[-1], help="stop after this stage")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -24,6 +28,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from circuitdiff.pipeline import run as run_pipeline
 
-    out = run_pipeline(args.config, args.out, until=args.until, progress=not args.no_progress)
+    overrides = {k: v for k, v in (("method", args.method), ("ig_steps", args.ig_steps)) if v is not None}
+    out = run_pipeline(args.config, args.out, until=args.until, progress=not args.no_progress, **overrides)
     print(f"run directory: {out}")
     return 0

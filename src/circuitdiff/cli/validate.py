@@ -10,7 +10,7 @@ DEFAULT_SIGN_THRESHOLD = 1e-5
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "validate",
-        help="EAP scores vs exact edge ablation on the same samples (correlations, sign agreement, scatter)",
+        help="EAP (or EAP-IG) scores vs exact edge ablation on the same samples (correlations, sign agreement, scatter)",
         description="Remove each chosen edge exactly (zero ablation: d receives x_d - O_u, nothing else changes), "
                     "measure the loss change dL, and compare it with the EAP score W of the same edge. Either "
                     "--model and --samples, or --run with --role/--dataset/--alpha.",
@@ -21,6 +21,7 @@ def register(subparsers) -> None:
     p.add_argument("--n-samples", type=int, default=4, help="with --run: the first N selected samples (default 4)")
     options.add_granularity(p)
     options.add_objective(p)
+    options.add_method(p)
     p.add_argument("--max-edges", type=int, default=-1,
                    help="validate a seeded random subset of N edges (default: all edges at block, 300 at qkv/head)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random edge subset (default 0)")
@@ -30,7 +31,8 @@ def register(subparsers) -> None:
                    help=f"sign agreement counts edges with |dL| above this, in the objective's units (nats for nll; "
                         f"default {DEFAULT_SIGN_THRESHOLD:g})")
     p.add_argument("--out", help="output directory (validation.json + validation.png); with --run default "
-                                 "RUN_DIR/validation/{objective}/{role}/{dataset}/alpha={a}.json")
+                                 "RUN_DIR/validation/{scoring}/{role}/{dataset}/alpha={a}.json (scoring: "
+                                 "the objective, + the method when not eap: nll+eap-ig8)")
     p.set_defaults(func=run)
 
 
@@ -50,7 +52,7 @@ def run(args) -> int:
             raise UserError("give either --run or --model/--samples, not both")
         settings = options.settings_from(
             ValidationConfig, "validate", roles=[args.role], n_samples=args.n_samples, granularity=args.granularity,
-            objective=args.objective,
+            objective=args.objective, method=args.method, ig_steps=args.ig_steps, ig_rule=args.ig_rule,
             max_edges=args.max_edges, seed=args.seed, sign_threshold=args.sign_threshold, batch_size=args.batch_size)
         out = layout.validation_out(args.out)[0] if args.out else None
         validate_one(args.run, args.role, args.dataset, args.alpha, settings, dtype=args.dtype, device=args.device,
@@ -62,7 +64,8 @@ def run(args) -> int:
         raise UserError("give --model, --samples and --out (or --run RUN_DIR --dataset D --alpha A)")
     result = validate(args.model, args.samples, granularity=args.granularity, max_edges=args.max_edges, seed=args.seed,
                       batch_size=args.batch_size, dtype=args.dtype or "float32", device=args.device,
-                      sign_threshold=args.sign_threshold, objective=args.objective, progress=True)
+                      sign_threshold=args.sign_threshold, objective=args.objective, method=args.method,
+                      ig_steps=args.ig_steps, ig_rule=args.ig_rule, progress=True)
     result.meta.update({"samples": args.samples})
     json_path, png_path = layout.validation_out(args.out)
     result.save(json_path, png_path)

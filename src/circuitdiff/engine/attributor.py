@@ -19,6 +19,11 @@ For every edge (source u -> destination d) of the residual graph (graph.py, node
 
 Parameters are frozen; the embedding output is the only leaf that needs a gradient. The state
 of one forward+backward lives in a `_Pass` made for that call, not on the attributor.
+
+EAP-IG (method "eap-ig"): one forward without gradients fills the source buffers with the clean
+O_u; then, with the buffers frozen, K forward+backward passes run with the embedding output
+scaled by the quadrature point t, each contracting its dL/dx_d(t) with the clean O_u into W,
+and W is their weighted sum (ig_points: midpoint, Gauss-Legendre or right-end rule on [0, 1]).
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ from functools import partial
 import torch
 import torch.utils.checkpoint
 
+from circuitdiff.choices import DEFAULT_IG_RULE, DEFAULT_IG_STEPS, IG_RULES, METHODS, check_choice
 from circuitdiff.engine.batch import Batch
+from circuitdiff.errors import UserError
 from circuitdiff.engine.nodes import DestGroup, ModelNodes, SourceGroup, first_tensor
 from circuitdiff.engine.objectives import answer_loss, check_objective, score_dtype_for
 
@@ -44,15 +51,20 @@ class _Pass:
     W: torch.Tensor  # [batch, n_dst, n_src]
     norm_inputs: dict = field(default_factory=dict)  # layer -> the attention norm's input (split destinations)
     leaf: torch.Tensor | None = None  # the embedding output, the one tensor that requires grad
+    capture: bool = True  # source hooks fill the buffers (off in the integrated-gradient steps: they keep the clean ones)
+    embed_scale: float = 1.0  # the embedding output is multiplied by this (integrated gradients: the path's t)
 
 
 class EdgeAttributor:
     """Installs the hooks for one model and granularity; `scores(batch)` runs one forward+backward."""
 
     def __init__(self, model: torch.nn.Module, granularity: str = "block", gradient_checkpointing: bool = False,
-                 objective: str = "nll"):
+                 objective: str = "nll", method: str = "eap", ig_steps: int = DEFAULT_IG_STEPS,
+                 ig_rule: str = DEFAULT_IG_RULE):
         self.model = model
         self.objective = check_objective(objective)
+        self.method = check_choice("method", method, METHODS)
+        self.ig_points = ig_points(ig_steps, ig_rule) if method == "eap-ig" else []
         self.nodes = ModelNodes(model, granularity)
         self.adapter, self.shape, self.graph = self.nodes.adapter, self.nodes.shape, self.nodes.graph
         self.gradient_checkpointing = gradient_checkpointing
@@ -62,12 +74,30 @@ class EdgeAttributor:
 
     # ------------------------------------------------------------------ run
     def scores(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W [batch, n_dst, n_src] on CPU in the score dtype, objective [batch]) for one batch."""
+        """(W [batch, n_dst, n_src] on CPU in the score dtype, objective [batch]) for one batch.
+
+        eap: one forward + backward. eap-ig: one clean forward fills the source buffers with the clean O_u,
+        then one forward + backward per quadrature point t with the embedding scaled by t; W is the weighted
+        sum of the steps' contractions. The objective returned is the clean one in both."""
         with self.hooked(batch) as state:
-            out = self.nodes.backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-            loss = answer_loss(self.model, self.adapter, out.last_hidden_state, batch, self.objective)
-            torch.autograd.grad(loss.sum(), state.leaf)
-        return state.W.cpu(), loss.detach().cpu()
+            if not self.ig_points:
+                loss = self._objective(batch)
+                torch.autograd.grad(loss.sum(), state.leaf)
+                return state.W.cpu(), loss.detach().cpu()
+            with torch.no_grad():
+                loss = self._objective(batch)  # the clean sources; no gradient reaches a tap
+            state.capture = False
+            total = torch.zeros_like(state.W)
+            for t, weight in self.ig_points:
+                state.embed_scale = t
+                state.W.zero_()
+                torch.autograd.grad(self._objective(batch).sum(), state.leaf)
+                total += weight * state.W
+        return total.cpu(), loss.detach().cpu()
+
+    def _objective(self, batch: Batch) -> torch.Tensor:
+        out = self.nodes.backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        return answer_loss(self.model, self.adapter, out.last_hidden_state, batch, self.objective)
 
     @contextlib.contextmanager
     def hooked(self, batch: Batch):
@@ -151,10 +181,12 @@ class EdgeAttributor:
                 handle.remove()
 
     def _capture_input(self, state: _Pass, group: SourceGroup, module, args):
-        self._store(state, group.first, self.nodes.read_source(group, args[0].detach(), None, self.score_dtype))
+        if state.capture:
+            self._store(state, group.first, self.nodes.read_source(group, args[0].detach(), None, self.score_dtype))
 
     def _capture_output(self, state: _Pass, group: SourceGroup, module, args, output):
-        self._store(state, group.first, self.nodes.read_source(group, None, first_tensor(output).detach()))
+        if state.capture:
+            self._store(state, group.first, self.nodes.read_source(group, None, first_tensor(output).detach()))
 
     def _tap_input(self, state: _Pass, dst: int):
         """Pre-hook: give the module a view of its input whose gradient is contracted as destination dst."""
@@ -202,9 +234,25 @@ def _input_tap(on_grad):
 
 
 def _make_leaf(state: _Pass, module, args, output):
-    leaf = output.detach().requires_grad_(True)
+    leaf = output.detach() if state.embed_scale == 1.0 else output.detach() * state.embed_scale
+    leaf.requires_grad_(True)
     state.leaf = leaf
     return leaf
+
+
+def ig_points(steps: int, rule: str = DEFAULT_IG_RULE) -> list[tuple[float, float]]:
+    """(t, weight) of the quadrature of the integral over t in [0, 1] (choices.IG_RULES)."""
+    check_choice("ig rule", rule, IG_RULES)
+    if steps < 1:
+        raise UserError(f"ig steps {steps} must be >= 1")
+    if rule == "gauss":
+        import numpy as np
+
+        x, w = np.polynomial.legendre.leggauss(steps)
+        return [(float((xi + 1) / 2), float(wi / 2)) for xi, wi in zip(x, w)]
+    if rule == "midpoint":
+        return [((k + 0.5) / steps, 1.0 / steps) for k in range(steps)]
+    return [(k / steps, 1.0 / steps) for k in range(1, steps + 1)]
 
 
 def _save_norm_input(state: _Pass, layer: int, module, args):

@@ -48,7 +48,7 @@ def node_entropy_rows(results: list[PairResult], settings: Settings) -> list[dic
     for r in results:
         for name, c in zip(r.node_entropy.src_names, r.node_entropy.comparisons):
             rows.append({
-                "dataset": r.dataset, "alpha": r.alpha, "objective": r.objective, "text": r.text, "node": name,
+                **r.columns, "node": name,
                 "base": c.base, "base_ci_low": c.base_ci[0], "base_ci_high": c.base_ci[1],
                 "tuned": c.tuned, "tuned_ci_low": c.tuned_ci[0], "tuned_ci_high": c.tuned_ci[1],
                 "diff": c.diff, "diff_ci_low": c.diff_ci[0], "diff_ci_high": c.diff_ci[1], "p_perm": c.p_perm,
@@ -67,8 +67,7 @@ def edge_change_rows(results: list[PairResult], settings: Settings) -> list[dict
                 for j, src in enumerate(r.group_src):
                     if r.group_mask[i, j]:
                         rows.append({
-                            "dataset": r.dataset, "alpha": r.alpha, "objective": r.objective, "text": r.text,
-                            "scale": scale, "dst": dst, "src": src,
+                            **r.columns, "scale": scale, "dst": dst, "src": src,
                             "mean_abs_base": Ab[i, j], "mean_abs_tuned": At[i, j],
                             "rel_change": rel[i, j], "granularity": r.granularity,
                             "aggregation": "heads summed" if r.aggregated else "none",

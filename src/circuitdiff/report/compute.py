@@ -19,6 +19,7 @@ from circuitdiff import stats as S
 from circuitdiff.choices import RANGES, SCALES
 from circuitdiff.graph import parse_node
 from circuitdiff.report.pairs import PairData
+from circuitdiff.store.layout import parse_scoring
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ class NodeEntropy:
 class PairResult:
     dataset: str
     alpha: str
-    objective: str
+    objective: str  # the scoring: objective, + method when not eap (layout.scoring)
     text: str  # own | base | tuned: whose answers both models read ("own": each its own)
     granularity: str
     n_layers: int
@@ -112,6 +113,13 @@ class PairResult:
     corr_base: np.ndarray  # [n, n] sample correlation, primary entries mode
     corr_tuned: np.ndarray
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def columns(self) -> dict:
+        """The comparison's identity in a CSV row: dataset, alpha, objective, method, text."""
+        objective, method = parse_scoring(self.objective)
+        return {"dataset": self.dataset, "alpha": self.alpha, "objective": objective, "method": method,
+                "text": self.text}
 
     @property
     def alpha_value(self) -> float:

@@ -28,13 +28,19 @@ TEXT_MODES = {  # text -> ((model, text) of the base side, (model, text) of the 
 OBJECTIVE_ORDER = {"nll": 0, "logit": 1}
 
 
+def scoring_order(scoring: str) -> tuple:
+    """Sort key of a scoring folder name: EAP before other methods, nll before logit."""
+    objective, method = layout.parse_scoring(scoring)
+    return method != "eap", method, OBJECTIVE_ORDER.get(objective, 9), objective
+
+
 @dataclass(frozen=True)
 class PairRef:
     """Where the two W files of one comparison live."""
 
     dataset: str
     alpha: str  # as written in the file name
-    objective: str
+    objective: str  # the scoring folder: the objective, + the method when not eap ("nll+eap-ig8"; layout.scoring)
     text: str  # own | base | tuned
     base_path: Path
     tuned_path: Path
@@ -74,7 +80,7 @@ def index_run(run_dir: str | Path) -> RunIndex:
             "run the attribution stage first (or pass the right run directory)"
         )
     pairs, skipped = [], []
-    order = lambda kv: (kv[0][1], float(kv[0][2]), OBJECTIVE_ORDER.get(kv[0][0], 9), kv[0][0])  # noqa: E731
+    order = lambda kv: (kv[0][1], float(kv[0][2]), scoring_order(kv[0][0]))  # noqa: E731
     for (objective, dataset, alpha), views in sorted(found.items(), key=order):
         sel = layout.selection(run_dir, dataset, float(alpha))
         for text, (base_view, tuned_view) in TEXT_MODES.items():

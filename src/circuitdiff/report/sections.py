@@ -17,7 +17,7 @@ from circuitdiff.report.accuracy import accuracy_section
 from circuitdiff.report.compute import PairResult, Settings
 from circuitdiff.report.html import Figure, Section, Table
 from circuitdiff.choices import SCALES
-from circuitdiff.report.pairs import OBJECTIVE_ORDER, RunIndex
+from circuitdiff.report.pairs import RunIndex, scoring_order
 from circuitdiff.report.validation import validation_section
 
 
@@ -33,7 +33,7 @@ class ReportContext:
     @property
     def primary(self) -> list[PairResult]:
         """The comparisons the figures show: each model on its own text, the first objective (nll when present)."""
-        objectives = sorted({r.objective for r in self.results}, key=lambda o: OBJECTIVE_ORDER.get(o, 9))
+        objectives = sorted({r.objective for r in self.results}, key=scoring_order)
         own = [r for r in self.results if r.text == "own" and r.objective == objectives[0]]
         return own or [r for r in self.results if r.objective == objectives[0]]
 

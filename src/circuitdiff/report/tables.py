@@ -20,10 +20,11 @@ from circuitdiff import metrics as M
 from circuitdiff import stats as S
 from circuitdiff.choices import SCALES
 from circuitdiff.report.compute import PairResult, Settings
-from circuitdiff.report.pairs import OBJECTIVE_ORDER
+from circuitdiff.report.pairs import scoring_order
+from circuitdiff.store.layout import parse_scoring
 
 CSV_COLUMNS = [
-    "dataset", "alpha", "objective", "text", "metric", "scale", "role", "value", "ci_low", "ci_high",
+    "dataset", "alpha", "objective", "method", "text", "metric", "scale", "role", "value", "ci_low", "ci_high",
     "p_perm", "p_perm_holm", "perm_exact", "p_wilcoxon", "cohen_dz", "rel_diff", "arrow",
     "granularity", "entries", "bins", "range", "log_base", "eps", "loss",
     "n_samples", "n_boot", "n_perm", "seed", "ci_method",
@@ -96,8 +97,7 @@ def csv_rows(results: list[PairResult], settings: Settings) -> list[dict]:
     rows = []
     for res, entries, scale, metric, c in diff_rows_in_order(results, settings):
         common = {
-            "dataset": res.dataset, "alpha": res.alpha, "objective": res.objective, "text": res.text,
-            "metric": metric, "scale": scale,
+            **res.columns, "metric": metric, "scale": scale,
             "granularity": res.granularity, "entries": entries, "bins": settings.bins,
             "range": range_text(res.ranges[(entries, scale)]), "log_base": settings.log_base,
             "eps": settings.eps, "loss": res.loss_label, "n_samples": c.n_samples,
@@ -146,7 +146,7 @@ def table_groups(results: list[PairResult], settings: Settings) -> list[tuple[tu
     """[((objective, text, entries, alpha), rows_text, rows_tex)]: one Table-1 block each, scales as columns."""
     groups = []
     blocks = sorted({(r.objective, r.text, r.alpha_value, r.alpha) for r in results},
-                    key=lambda b: (OBJECTIVE_ORDER.get(b[0], 9), list(TEXT_TITLES).index(b[1]), b[2]))
+                    key=lambda b: (scoring_order(b[0]), list(TEXT_TITLES).index(b[1]), b[2]))
     for objective, text, _, alpha in blocks:
         for entries in settings.entries:
             text_rows, tex_rows = [], []
@@ -164,8 +164,9 @@ def table_groups(results: list[PairResult], settings: Settings) -> list[tuple[tu
 
 
 def block_title(key: tuple) -> str:
-    objective, text, entries, alpha = key
-    return f"{TEXT_TITLES[text]}; objective = {objective}, entries = {entries}, alpha = {alpha}"
+    scoring, text, entries, alpha = key
+    objective, method = parse_scoring(scoring)
+    return f"{TEXT_TITLES[text]}; objective = {objective}, method = {method}, entries = {entries}, alpha = {alpha}"
 
 
 def conventions_line(results: list[PairResult], settings: Settings) -> str:

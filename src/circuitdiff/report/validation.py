@@ -24,16 +24,17 @@ def _ci(effect: dict | None) -> str:
 
 def validation_blocks(run_dir: Path) -> tuple[list, list[str]]:
     """(Table + Figures, unreadable file names) for the validation results."""
-    header = ["objective", "role", "dataset", "alpha", "granularity", "edges", "samples", "Spearman", "Pearson", "Spearman |.|",
+    header = ["objective", "method", "role", "dataset", "alpha", "granularity", "edges", "samples", "Spearman", "Pearson", "Spearman |.|",
               "sign agreement", "top-10 overlap", "top-5% overlap", "Spearman pooled"]
     rows, figures, bad = [], [], []
-    for objective, role, dataset, alpha, path in layout.find_validations(run_dir):
+    for scoring, role, dataset, alpha, path in layout.find_validations(run_dir):
+        objective, method = layout.parse_scoring(scoring)
         data = _read(path)
         s = (data or {}).get("summary")
         if not isinstance(s, dict):
             bad.append(str(path.relative_to(run_dir)))
             continue
-        rows.append([objective, role, dataset, alpha, str(data.get("granularity")), f"{data.get('n_edges')} ({s.get('edges_chosen', '')})",
+        rows.append([objective, method, role, dataset, alpha, str(data.get("granularity")), f"{data.get('n_edges')} ({s.get('edges_chosen', '')})",
                      str(data.get("n_samples")), fmt(s["spearman"]), fmt(s["pearson"]), fmt(s.get("spearman_abs", float("nan"))),
                      f"{fmt(s['sign_agreement'])} of {s['n_sign_edges']} edges with |dL| > {s['sign_threshold']:g}"
                      + (f" (W > 0: {fmt(s['sign_agreement_W_pos'])}, W < 0: {fmt(s['sign_agreement_W_neg'])})"
@@ -43,18 +44,19 @@ def validation_blocks(run_dir: Path) -> tuple[list, list[str]]:
         png = path.parent / str(data.get("figure", path.with_suffix(".png").name))
         if png.is_file():
             figures.append(Figure(png.read_bytes(), f"{role}, {dataset}, alpha={alpha}, objective {objective}: exact "
-                                  "zero-ablation change dL of the objective (x) vs EAP score W (y) per edge, means over "
+                                  f"zero-ablation change dL of the objective (x) vs {method} score W (y) per edge, means over "
                                   "samples; dashed: W = dL.",
-                                  f"fig_validation_{objective}_{role}_{dataset}_alpha={alpha}.png"))  # fmt: skip
+                                  f"fig_validation_{scoring}_{role}_{dataset}_alpha={alpha}.png"))  # fmt: skip
     blocks = [Table(header, rows)] + figures if rows else []
     return blocks, bad
 
 
 def intervention_blocks(run_dir: Path) -> tuple[list, list[str]]:
-    header = ["objective", "role", "dataset", "alpha", "edges", "factor", "measure", "n", "unmodified", "targeted - unmodified [95% CI]",
+    header = ["objective", "edges scored by", "role", "dataset", "alpha", "edges", "factor", "measure", "n", "unmodified", "targeted - unmodified [95% CI]",
               "random - unmodified [95% CI]", "random draws", "targeted - random [95% CI]"]
     rows, bad = [], []
-    for objective, role, dataset, alpha, path in layout.find_interventions(run_dir):
+    for scoring, role, dataset, alpha, path in layout.find_interventions(run_dir):
+        objective, method = layout.parse_scoring(scoring)
         data = _read(path)
         effects = (data or {}).get("effects")
         if not isinstance(effects, dict):
@@ -67,7 +69,7 @@ def intervention_blocks(run_dir: Path) -> tuple[list, list[str]]:
             if not e:
                 continue
             draws = e.get("random_draw_effects") or []
-            rows.append([objective, role, dataset, alpha, edges, f"{data.get('factor'):g}", metric + unit, str(e["n"]), fmt(e["mean_none"]),
+            rows.append([objective, method, role, dataset, alpha, edges, f"{data.get('factor'):g}", metric + unit, str(e["n"]), fmt(e["mean_none"]),
                          _ci(e.get("targeted_minus_none")), _ci(e.get("random_minus_none")),
                          f"{len(draws)}: {fmt(min(draws))} .. {fmt(max(draws))}" if draws else "",
                          _ci(e.get("targeted_minus_random"))])  # fmt: skip

@@ -1,6 +1,6 @@
 """Stage `attribute`: the edge scores W of both models on the selected samples (circuitdiff.attribute).
 
-One W file per (objective, model, text, dataset, alpha): model `role` reads the prompt + answer of
+One W file per (objective, method, model, text, dataset, alpha): model `role` reads the prompt + answer of
 `text` (its own by default; config `text: base|tuned|both` adds the same-text views, so that both
 models are scored on identical tokens), cut at T_cut, for the selected questions in selection
 order. Its key holds the attribution settings and the keys of its inputs (the text's generations
@@ -20,20 +20,26 @@ from circuitdiff.store import artifacts, layout
 from circuitdiff.store.keys import read_key, settings_key, up_to_date, write_key
 
 
-def conventions(granularity: str, objectives=("nll",), text: str = "own") -> dict:
+def conventions(granularity: str, objectives=("nll",), text: str = "own", methods: dict | None = None) -> dict:
+    """The attribution conventions of a run; methods: {label: definition} (default EAP only)."""
     from circuitdiff.attribute import SIGN_CONVENTION, loss_convention
-    from circuitdiff.choices import TEXTS
+    from circuitdiff.choices import METHODS, TEXTS
 
     return {"granularity": granularity, "objective": {o: loss_convention(o) for o in objectives},
+            "method": methods or {"eap": METHODS["eap"]},
             "text": f"{text}: {TEXTS[text]}", "sign": SIGN_CONVENTION, "score_dtype": "float32 (float64 for float64 models)"}
 
 
-def inputs(ctx, role: str, text: str, ds, alpha: float, objective: str) -> dict:
-    """The attribution settings and input keys of one W file."""
+def inputs(ctx, role: str, text: str, ds, alpha: float, objective: str, method: str = "eap") -> dict:
+    """The attribution settings and input keys of one W file (an EAP file's settings name no method: the key
+    of W files written before EAP-IG existed stays valid)."""
     cfg = ctx.config
+    settings = {"granularity": cfg.granularity, "dtype": cfg.dtype, "model": getattr(cfg, role).spec,
+                "attn_implementation": cfg.attn_implementation, "objective": objective, "text": text}
+    if method != "eap":
+        settings["method"] = cfg.label(method)
     return {
-        "settings": {"granularity": cfg.granularity, "dtype": cfg.dtype, "model": getattr(cfg, role).spec,
-                     "attn_implementation": cfg.attn_implementation, "objective": objective, "text": text},
+        "settings": settings,
         "selection": read_key(layout.selection(ctx.run, ds.key, alpha)),
         "generation": artifacts.generation_key(ctx.run, text, ds.key),
     }
@@ -43,22 +49,24 @@ def stage(ctx) -> None:
     views = ctx.config.views()
     for role in ("tuned", "base"):  # tuned first: it is often the model still loaded
         for objective in ctx.config.objective:
-            for model, text in views:
-                if model != role:
-                    continue
-                for ds in ctx.config.datasets:
-                    for alpha in ctx.config.alphas:
-                        attribute_one(ctx, role, text, ds, alpha, objective)
+            for method in ctx.config.method:
+                for model, text in views:
+                    if model != role:
+                        continue
+                    for ds in ctx.config.datasets:
+                        for alpha in ctx.config.alphas:
+                            attribute_one(ctx, role, text, ds, alpha, objective, method)
 
 
-def attribute_one(ctx, role: str, text: str, ds, alpha: float, objective: str = "nll") -> None:
+def attribute_one(ctx, role: str, text: str, ds, alpha: float, objective: str = "nll", method: str = "eap") -> None:
     from circuitdiff.attribute import attribute
 
     cfg = ctx.config
-    record = inputs(ctx, role, text, ds, alpha, objective)
+    record = inputs(ctx, role, text, ds, alpha, objective, method)
     key = settings_key(record)
-    out = layout.attribution(ctx.run, role, ds.key, alpha, text, objective)
-    name = f"attribute {layout.view(role, text)} {ds.key} alpha={alpha} objective={objective}"
+    label = cfg.label(method)
+    out = layout.attribution(ctx.run, role, ds.key, alpha, text, objective, label)
+    name = f"attribute {layout.view(role, text)} {ds.key} alpha={alpha} objective={objective} method={label}"
     if up_to_date(out, key, ctx.log):
         ctx.log(f"{name}: up to date ({out})")
         return
@@ -66,10 +74,11 @@ def attribute_one(ctx, role: str, text: str, ds, alpha: float, objective: str = 
     if text != role:
         _check_same_tokens(ctx, role, text, ds, where["idx"])
     sel = artifacts.read_selection(ctx.run, ds.key, alpha)
-    parts = layout.attribution_parts(ctx.run, role, ds.key, alpha, text, objective)
+    parts = layout.attribution_parts(ctx.run, role, ds.key, alpha, text, objective, label)
     ctx.log(f"{name}: {len(samples)} samples, T_cut={where['T_cut']}, granularity={cfg.granularity}")
     result = attribute(ctx.models.get(role), samples, granularity=cfg.granularity, batch_size=cfg.attr_batch_size,
-                       gradient_checkpointing=cfg.gradient_checkpointing, objective=objective, work_dir=parts,
+                       gradient_checkpointing=cfg.gradient_checkpointing, objective=objective, method=method,
+                       ig_steps=cfg.ig_steps, ig_rule=cfg.ig_rule, work_dir=parts,
                        progress=ctx.progress, log=ctx.log)
     result.meta.update({"role": role, "text": text, "dataset": ds.key, "alpha": alpha, "idx": where["idx"],
                         "T_cut": where["T_cut"], "T_bar": sel["T_bar"], "selection": sel["settings"]})
@@ -78,7 +87,7 @@ def attribute_one(ctx, role: str, text: str, ds, alpha: float, objective: str = 
     shutil.rmtree(parts, ignore_errors=True)
     mean_abs = float(np.abs(result.scores).mean())
     ctx.log(f"{name}: wrote {out}; mean |W| over all {result.scores.shape[1]}x{result.scores.shape[2]} entries = "
-            f"{mean_abs:.4g}, mean objective {float(result.loss.mean()):.4f} (granularity={cfg.granularity}; "
+            f"{mean_abs:.4g}, mean objective {float(result.loss.mean()):.4f} (method {label}, granularity={cfg.granularity}; "
             f"{OBJECTIVES[objective]}, first T_cut={where['T_cut']} tokens of the {text} model's answers)")
 
 

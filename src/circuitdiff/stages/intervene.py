@@ -3,7 +3,7 @@
 Questions: the first n (by idx) of the role's generations; loss samples: each one's own answer
 cut at min(T_cut, its length), T_cut from the selection; accuracy: fresh greedy answers with
 the edits active. Edges: top / top-grown from the run's attribution files, or a given list.
-Output: intervention/{objective}/{role}/{dataset}/alpha={a}/{label}.json, keyed by the settings, the model
+Output: intervention/{scoring}/{role}/{dataset}/alpha={a}/{label}.json, keyed by the settings, the model
 and dtype, and the keys of the generations, the selection and the attribution files it read.
 Runs in `circuitdiff run` when the config has an `intervention:` section, and from
 `circuitdiff intervene`.
@@ -21,6 +21,7 @@ from circuitdiff.store import artifacts, layout
 from circuitdiff.store.keys import read_key, settings_key, up_to_date, write_key
 
 UNKEYED = {"gen_batch_size", "loss_batch_size"}  # settings that do not change a result
+IG_ONLY = {"method", "ig_steps", "ig_rule"}  # left out of an EAP result's key: keys from before EAP-IG stay valid
 
 
 def label(settings: InterventionConfig) -> str:
@@ -30,25 +31,27 @@ def label(settings: InterventionConfig) -> str:
 
 
 def choose_targeted(run: Path, role: str, dataset: str, alpha: float, selector: str, k: int,
-                    graph_of, objective: str = "nll") -> tuple[list, str, str]:
+                    graph_of, objective: str = "nll", method: str = "eap") -> tuple[list, str, str]:
     """(edges, how, granularity): the selector applied to the run's attribution files.
 
     graph_of(granularity) -> the model's Graph; the attribution files must match it. A list of
     edges is read at the granularity of the role's attribution file when there is one, else block.
+    objective and method (a choices.method_label) name the W files read.
     """
     roles = selector_roles(selector, role)
-    attrs = {r: artifacts.Attribution.load(layout.attribution(run, r, dataset, alpha, objective=objective))
+    attrs = {r: artifacts.Attribution.load(layout.attribution(run, r, dataset, alpha, objective=objective, method=method))
              for r in roles}
     if attrs:
         granularity = attrs[roles[0]].granularity
     else:
-        own = layout.attribution(run, role, dataset, alpha, objective=objective)
+        own = layout.attribution(run, role, dataset, alpha, objective=objective, method=method)
         granularity = artifacts.Attribution.load(own).granularity if own.exists() else "block"
     graph: Graph = graph_of(granularity)
     for r, attr in attrs.items():
         if attr.src_names != graph.src_names or attr.dst_names != graph.dst_names:
-            raise UserError(f"{layout.attribution(run, r, dataset, alpha, objective=objective)}: its nodes do not match the {role} model "
-                            f"at granularity {granularity}; re-run attribution")
+            path = layout.attribution(run, r, dataset, alpha, objective=objective, method=method)
+            raise UserError(f"{path}: its nodes do not match the {role} model at granularity {granularity}; "
+                            "re-run attribution")
     edges, how = targeted_edges(selector, k, role, attrs, graph)
     return edges, how, granularity
 
@@ -63,13 +66,15 @@ def inputs(run: Path, dataset: str, alpha: float, settings: InterventionConfig, 
     from circuitdiff.grade import GRADER_VERSION
 
     role = settings.role
+    unkeyed = UNKEYED | {"dataset", "alpha"} | (IG_ONLY if settings.method == "eap" else set())
     return {
-        "settings": {**settings.model_dump(exclude=UNKEYED | {"dataset", "alpha"}), "max_new_tokens": max_new_tokens},
+        "settings": {**settings.model_dump(exclude=unkeyed), "max_new_tokens": max_new_tokens},
         "grading": {"grader": GRADER_VERSION, "truncated": truncated_rule(run)},
         "dataset": dataset, "alpha": alpha, "model": spec, "dtype": dtype,
         "generation": artifacts.generation_key(run, role, dataset),
         "selection": read_key(layout.selection(run, dataset, alpha)),
-        "attribution": {r: read_key(layout.attribution(run, r, dataset, alpha, objective=settings.objective))
+        "attribution": {r: read_key(layout.attribution(run, r, dataset, alpha, objective=settings.objective,
+                                                       method=settings.label(settings.method)))
                         for r in selector_roles(settings.edges, role)},
     }  # fmt: skip
 
@@ -94,7 +99,7 @@ def intervene_one(run: str | Path, dataset: str, alpha: float, settings: Interve
     record = inputs(run, dataset, alpha, settings, spec, dtype, max_new_tokens)
     key = settings_key(record)
     path = Path(out) if out is not None else layout.intervention(run, role, dataset, alpha, label(settings),
-                                                                  settings.objective)
+                                                                  settings.objective, settings.label(settings.method))
     if up_to_date(path, key, log):
         result = Intervention.from_json(artifacts.read_result(path))
         log(f"intervene {role} {dataset} alpha={alpha}: up to date ({path}); {summary_line(result)}")
@@ -122,7 +127,8 @@ def _measure(run, role, dataset, alpha, settings, spec, dtype, device, max_new_t
     loaded = get_model() if get_model is not None else load_model(spec, dtype, device, tokenizer=settings.accuracy)
     hf, tok = loaded.model, loaded.tokenizer
     targeted, how, granularity = choose_targeted(run, role, dataset, alpha, settings.edges, settings.k,
-                                                 lambda g: ModelNodes(hf, g).graph, settings.objective)
+                                                 lambda g: ModelNodes(hf, g).graph, settings.objective,
+                                                 settings.label(settings.method))
     # pair the loss and the accuracy on the same questions: keep only questions with a loss sample
     with_loss = {s["idx"] for s in samples}
     questions = [q for q in questions if q["idx"] in with_loss] if settings.accuracy else []
@@ -136,7 +142,8 @@ def _measure(run, role, dataset, alpha, settings, spec, dtype, device, max_new_t
         progress=progress,
     )
     result.meta.update({"role": role, "dataset": dataset, "alpha": alpha, "model": spec,
-                        "edges_selector": settings.edges, "edges_chosen": how, "k": len(targeted),
+                        "edges_selector": settings.edges, "edges_chosen": how,
+                        "edges_scored_by": settings.label(settings.method), "k": len(targeted),
                         "question_idx": [s["idx"] for s in samples]})
     return result
 

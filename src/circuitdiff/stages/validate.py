@@ -1,6 +1,6 @@
-"""Stage `validation`: EAP vs exact edge ablation on the first selected samples of a run (circuitdiff.validate).
+"""Stage `validation`: EAP (or EAP-IG) vs exact edge ablation on the first selected samples of a run (circuitdiff.validate).
 
-Output: validation/{objective}/{role}/{dataset}/alpha={a}.json (+ the scatter PNG beside it), keyed by the
+Output: validation/{scoring}/{role}/{dataset}/alpha={a}.json (+ the scatter PNG beside it), keyed by the
 validation settings, the model and dtype, and the keys of the samples' inputs (the role's
 generations and the selection). Runs in `circuitdiff run` when the config has a `validation:`
 section, and from `circuitdiff validate --run`.
@@ -15,11 +15,13 @@ from circuitdiff.store import artifacts, layout
 from circuitdiff.store.keys import read_key, settings_key, up_to_date, write_key
 
 UNKEYED = {"batch_size"}  # settings that do not change a result
+IG_ONLY = {"method", "ig_steps", "ig_rule"}  # left out of an EAP result's key: keys from before EAP-IG stay valid
 
 
 def inputs(run: Path, role: str, dataset: str, alpha: float, settings: ValidationConfig, spec: str, dtype: str) -> dict:
+    unkeyed = UNKEYED | {"roles", "dataset", "alpha"} | (IG_ONLY if settings.method == "eap" else set())
     return {
-        "settings": settings.model_dump(exclude=UNKEYED | {"roles", "dataset", "alpha"}),
+        "settings": settings.model_dump(exclude=unkeyed),
         "role": role, "dataset": dataset, "alpha": alpha, "model": spec, "dtype": dtype,
         "selection": read_key(layout.selection(run, dataset, alpha)),
         "generation": artifacts.generation_key(run, role, dataset),
@@ -43,7 +45,8 @@ def validate_one(run: str | Path, role: str, dataset: str, alpha: float, setting
     dtype = dtype or run_dtype
     record = inputs(run, role, dataset, alpha, settings, spec, dtype)
     key = settings_key(record)
-    path = Path(out) if out is not None else layout.validation(run, role, dataset, alpha, settings.objective)
+    path = Path(out) if out is not None else layout.validation(run, role, dataset, alpha, settings.objective,
+                                                                            settings.label(settings.method))
     if up_to_date(path, key, log):
         result = Validation.load(path)
         log(f"validate {role} {dataset} alpha={alpha}: up to date ({path}); {summary_line(result)}")
@@ -51,7 +54,7 @@ def validate_one(run: str | Path, role: str, dataset: str, alpha: float, setting
     result = validate(spec if get_model is None else get_model(), samples, granularity=settings.granularity,
                       max_edges=settings.max_edges, seed=settings.seed, batch_size=settings.batch_size, dtype=dtype,
                       device=device, sign_threshold=settings.sign_threshold, objective=settings.objective,
-                      progress=progress)
+                      method=settings.method, ig_steps=settings.ig_steps, ig_rule=settings.ig_rule, progress=progress)
     result.meta.update({**where, "role": role, "dataset": dataset, "alpha": alpha})  # paths relative: a run can move
     result.save(path, layout.validation_figure(path))
     write_key(path, key, record)

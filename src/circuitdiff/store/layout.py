@@ -5,10 +5,10 @@
       generations/{role}/{dataset}.jsonl               one row per question (appended per batch)
       generations/{role}/{dataset}.meta.json           generation settings + key, grader version, accuracy
       selection/{dataset}/alpha={a}.json               chosen idx, T_bar, T_cut, filter counts
-      attribution/{objective}/{view}/{dataset}/alpha={a}.npz   W (same keys as `circuitdiff attribute`)
-      attribution/{objective}/{view}/{dataset}/alpha={a}.parts/  finished batches of an unfinished one
-      validation/{objective}/{role}/{dataset}/alpha={a}.json|.png  EAP vs exact ablation
-      intervention/{objective}/{role}/{dataset}/alpha={a}/{label}.json   edge interventions
+      attribution/{scoring}/{view}/{dataset}/alpha={a}.npz   W (same keys as `circuitdiff attribute`)
+      attribution/{scoring}/{view}/{dataset}/alpha={a}.parts/  finished batches of an unfinished one
+      validation/{scoring}/{role}/{dataset}/alpha={a}.json|.png  W vs exact ablation
+      intervention/{scoring}/{role}/{dataset}/alpha={a}/{label}.json   edge interventions
       report/                                          metrics.csv, table.md, figures, report.html
       features/                                        (reserved: feature-level diffing)
       shards/{stage}/                                  (reserved: work split over workers)
@@ -30,7 +30,9 @@
       dpo_pairs.jsonl                                  dpo: the pairs built from the base's samples
 
 role is "base" or "tuned"; dataset is the dataset name, with "_{split}" when the split is not "test";
-objective is "nll" or "logit"; view is the scored model's role when it reads its own answers, and
+scoring is the objective ("nll" or "logit") when W is EAP's, and "{objective}+{method}" for another
+method ("nll+eap-ig8": EAP-IG with 8 midpoint points; choices.method_label); view is the scored
+model's role when it reads its own answers, and
 "{model}-on-{text}" when it reads the other model's ("tuned-on-base": the tuned model scored on the
 base model's tokens).
 """
@@ -103,19 +105,31 @@ def parse_view(name: str) -> tuple[str, str] | None:
     return (model, text) if model in ROLES and text in ROLES else None
 
 
+def scoring(objective: str = "nll", method: str = "eap") -> str:
+    """The folder of W files scored with `objective` by `method` (a choices.method_label): "nll", "nll+eap-ig8"."""
+    return objective if method == "eap" else f"{objective}+{method}"
+
+
+def parse_scoring(name: str) -> tuple[str, str]:
+    """"nll+eap-ig8" -> ("nll", "eap-ig8"); "logit" -> ("logit", "eap")."""
+    objective, _, method = name.partition("+")
+    return objective, method or "eap"
+
+
 def attribution(run: Path, role: str, dataset: str, alpha: float, text: str | None = None,
-                objective: str = "nll") -> Path:
-    """The W file of model `role` scored on the answers of `text` (default: its own) with `objective`."""
-    return Path(run) / "attribution" / objective / view(role, text) / dataset / f"{alpha_tag(alpha)}.npz"
+                objective: str = "nll", method: str = "eap") -> Path:
+    """The W file of model `role` scored on the answers of `text` (default: its own) with `objective` by `method`."""
+    return (Path(run) / "attribution" / scoring(objective, method) / view(role, text) / dataset
+            / f"{alpha_tag(alpha)}.npz")
 
 
 def attribution_parts(run: Path, role: str, dataset: str, alpha: float, text: str | None = None,
-                      objective: str = "nll") -> Path:
-    return attribution(run, role, dataset, alpha, text, objective).with_suffix(".parts")
+                      objective: str = "nll", method: str = "eap") -> Path:
+    return attribution(run, role, dataset, alpha, text, objective, method).with_suffix(".parts")
 
 
-def validation(run: Path, role: str, dataset: str, alpha: float, objective: str = "nll") -> Path:
-    return Path(run) / "validation" / objective / role / dataset / f"{alpha_tag(alpha)}.json"
+def validation(run: Path, role: str, dataset: str, alpha: float, objective: str = "nll", method: str = "eap") -> Path:
+    return Path(run) / "validation" / scoring(objective, method) / role / dataset / f"{alpha_tag(alpha)}.json"
 
 
 def validation_figure(json_path: Path) -> Path:
@@ -123,8 +137,9 @@ def validation_figure(json_path: Path) -> Path:
     return Path(json_path).with_suffix(".png")
 
 
-def intervention(run: Path, role: str, dataset: str, alpha: float, label: str, objective: str = "nll") -> Path:
-    return Path(run) / "intervention" / objective / role / dataset / alpha_tag(alpha) / f"{label}.json"
+def intervention(run: Path, role: str, dataset: str, alpha: float, label: str, objective: str = "nll",
+                 method: str = "eap") -> Path:
+    return Path(run) / "intervention" / scoring(objective, method) / role / dataset / alpha_tag(alpha) / f"{label}.json"
 
 
 def attribution_batch(parts: Path, number: int, key: str) -> Path:
@@ -181,7 +196,7 @@ def find_generations(run: Path, role: str) -> dict[str, Path]:
 
 
 def find_attributions(run: Path) -> dict[tuple[str, str, str], dict[tuple[str, str], Path]]:
-    """(objective, dataset, alpha label) -> {(model, text): W file} for every attribution file in the run."""
+    """(scoring, dataset, alpha label) -> {(model, text): W file} for every attribution file in the run."""
     found: dict[tuple[str, str, str], dict[tuple[str, str], Path]] = {}
     for path in sorted((Path(run) / "attribution").glob("*/*/*/alpha=*.npz")):
         alpha, scored = alpha_label(path.name), parse_view(path.parent.parent.name)
@@ -191,7 +206,7 @@ def find_attributions(run: Path) -> dict[tuple[str, str, str], dict[tuple[str, s
 
 
 def find_validations(run: Path) -> list[tuple[str, str, str, str, Path]]:
-    """(objective, role, dataset, alpha label, JSON path) of every validation result."""
+    """(scoring, role, dataset, alpha label, JSON path) of every validation result."""
     out = []
     for path in sorted((Path(run) / "validation").glob("*/*/*/alpha=*.json")):
         alpha = alpha_label(path.name)
@@ -201,7 +216,7 @@ def find_validations(run: Path) -> list[tuple[str, str, str, str, Path]]:
 
 
 def find_interventions(run: Path) -> list[tuple[str, str, str, str, Path]]:
-    """(objective, role, dataset, alpha label, JSON path) of every intervention result."""
+    """(scoring, role, dataset, alpha label, JSON path) of every intervention result."""
     out = []
     for path in sorted((Path(run) / "intervention").glob("*/*/*/alpha=*/*.json")):
         alpha = alpha_label(path.parent.name)
