@@ -2,6 +2,7 @@
 
 import json
 import math
+import random
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,7 +25,8 @@ from circuitdiff.io import read_json, write_jsonl
 from circuitdiff.lab.reward import make_trl_reward, reward
 from circuitdiff.lab.callback import TrackCallback
 from circuitdiff.lab.settings import TrackSettings, TrainSettings
-from circuitdiff.lab.train import build_dpo_pairs, gold_solution, train
+from circuitdiff.lab.rows import build_dpo_pairs, gold_solution
+from circuitdiff.lab.train import train
 from circuitdiff.models import load_model
 from circuitdiff.prompts import encode
 from pipeline_helpers import save_tiny_lm, write_gsm8k_file
@@ -190,6 +192,7 @@ def test_grpo_checkpoints(world):
     record = read_json(world.out / "train.json")
     assert record["settings"]["algorithm"] == "grpo" and "DAPO" in record["conventions"]["algorithm"]
     assert all(h["grad_norm"] > 0 for h in record["log_history"] if "grad_norm" in h)
+    assert any("groups_dropped" in h for h in record["log_history"])  # dynamic sampling ran (on by default)
     w1 = assert_lora_trained(world.out / "checkpoint-1", str(world.base), world.base_weights)
     w2 = assert_lora_trained(world.out / "checkpoint-2", str(world.base), world.base_weights)
     assert not torch.equal(w1["model.layers.0.self_attn.q_proj.weight"], w2["model.layers.0.self_attn.q_proj.weight"])
@@ -261,21 +264,48 @@ def _csv(path: Path) -> list[dict]:
 
 
 def _entropy(values: np.ndarray, lo: float, hi: float, bins: int = 100, eps: float = 1e-12) -> float:
-    counts, _ = np.histogram(values, bins=bins, range=(lo, hi))
+    """Entropy of the pooled |values| histogram, values outside [lo, hi] clipped into the end bins."""
+    counts, _ = np.histogram(np.clip(values, lo, hi), bins=bins, range=(lo, hi))
     p = counts / counts.sum()
     p = p[p > 0]
     return float(-(p * np.log(p + eps)).sum())
 
 
+def hand_fixed_set(start: list[dict], checkpoints: list[list[dict]], alpha=0.1, n=100, seed=0, beta=0.5, gamma=1.5):
+    """The fixed question set's rules, re-implemented: all correct, the length rules and T_cut on the start's
+    answers, every answer at least T_cut long, N drawn with the seed."""
+    S = {r["idx"]: r for r in start}
+    C = [{r["idx"]: r for r in rows} for rows in checkpoints]
+    q = sorted(i for i in S if all(i in c for c in C) and S[i]["correct"] and all(c[i]["correct"] for c in C))
+    L = {i: len(S[i]["answer_ids"]) for i in q}
+    t_bar = sum(L.values()) / len(q)
+    q = [i for i in q if beta * t_bar <= L[i] <= gamma * t_bar]
+    t_cut = max(math.floor(alpha * t_bar + 0.5), 1)
+    q = [i for i in q if L[i] >= t_cut and all(len(c[i]["answer_ids"]) >= t_cut for c in C)]
+    return random.Random(seed).sample(q, min(n, len(q))), t_cut
+
+
+COMBOS = [(o, sc, m) for o in ("nll", "logit") for sc, ms in (
+    ("raw", ["activation_intensity", "information_complexity", "distribution_kurtosis", "diversity"]),
+    ("unit", ["information_complexity", "distribution_kurtosis", "diversity"])) for m in ms]
+
+
+def _W(run: Path, role: str, objective: str) -> np.ndarray:
+    with np.load(layout.attribution(run, role, "gsm8k", 0.1, objective=objective)) as f:
+        return f["scores"].astype(np.float64).reshape(len(f["scores"]), -1)
+
+
 def test_track_during_training_then_cli_resume(world, capsys):
+    """The callback chose the fixed set at checkpoint 1 and kept it at checkpoint 2; `circuitdiff track` resumes
+    without recomputing; every number is re-derived here from the run files; --rechoose re-chooses the set."""
     out = world.out / "track"
     assert any("track grpo step 1" in line for line in world.log) and any("track grpo step 2" in line for line in world.log)
     first = _csv(out / "track.csv")
     assert (out / "track.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # `circuitdiff track` over the same dir resumes: nothing regenerated or re-attributed, the same csv
-    npz = sorted(out.glob("runs/grpo/checkpoint-*/attribution/nll/*/gsm8k/*.npz"))
-    assert len(npz) == 4
+    npz = sorted(out.glob("runs/grpo/checkpoint-*/attribution/*/*/gsm8k/*.npz"))
+    assert len(npz) == 8  # 2 checkpoints x 2 roles x 2 objectives
     stamps = {p: p.stat().st_mtime_ns for p in npz}
     args = ["track", str(world.out), "--dataset", "gsm8k", "--source", str(world.data),
             "--max-new-tokens", str(MAX_NEW), "--n-boot", "200", "--device", "cpu", "--truncated", "lenient",
@@ -286,22 +316,37 @@ def test_track_during_training_then_cli_resume(world, capsys):
     assert {p: p.stat().st_mtime_ns for p in npz} == stamps
     rows = _csv(out / "track.csv")
     assert rows == first
-
-    metrics = ["activation_intensity", "information_complexity", "distribution_kurtosis"]
-    assert [(r["step"], r["metric"]) for r in rows] == [(str(s), m) for s in (0, 1, 2) for m in metrics]
+    assert [(r["step"], r["objective"], r["scale"], r["metric"]) for r in rows] == [
+        (str(s), *c) for s in (0, 1, 2) for c in COMBOS]
     assert {r["run"] for r in rows} == {"grpo"} and {r["algorithm"] for r in rows} == {"grpo"}
     assert {r["temperature"] for r in rows} == {"1.0"} and {r["entries"] for r in rows} == {"all"}
-    assert {r["bins"] for r in rows} == {"100"} and {r["alpha"] for r in rows} == {"0.1"}
-    for r in rows[:3]:
+    assert {r["question_set"] for r in rows} == {"fixed"} and {r["alpha"] for r in rows} == {"0.1"}
+    for r in rows[:len(COMBOS)]:
         assert float(r["diff"]) == float(r["diff_ci_low"]) == float(r["diff_ci_high"]) == 0.0
 
+    # the set: chosen once, from the start and checkpoint 1 (the only checkpoint when the callback chose it)
     (start,) = out.glob("start-*")
+    runs = {step: out / "runs" / "grpo" / f"checkpoint-{step}" for step in (1, 2)}
+    answers = {0: read_rows(layout.generations(start, "base", "gsm8k"))}
+    answers.update({step: read_rows(layout.generations(runs[step], "tuned", "gsm8k")) for step in (1, 2)})
+    qset = read_json(layout.track_question_set(start))
+    idx, t_cut = hand_fixed_set(answers[0], [answers[1]])
+    assert qset["idx"] == idx and qset["T_cut"] == t_cut and qset["checkpoints"] == ["grpo/checkpoint-1"]
+    for step in (1, 2):
+        sel = read_json(layout.selection(runs[step], "gsm8k", 0.1))
+        lengths = {a["idx"]: len(a["answer_ids"]) for a in answers[step]}
+        assert sel["T_cut"] == t_cut and sel["idx"] == [i for i in idx if lengths[i] >= t_cut]
+        if sel["idx"] == idx:  # the start's W on the full set is shared, byte for byte
+            for o in ("nll", "logit"):
+                assert (layout.attribution(runs[step], "base", "gsm8k", 0.1, objective=o).read_bytes()
+                        == layout.attribution(start, "base", "gsm8k", 0.1, objective=o).read_bytes())
+    # the raw histogram range of each objective: [0, max |W|] over the start and checkpoint 1, kept for step 2
+    for o in ("nll", "logit"):
+        hi = max(np.abs(_W(start, "base", o)).max(), np.abs(_W(runs[1], "tuned", o)).max())
+        assert qset["ranges"][o] == pytest.approx([0.0, hi], rel=1e-12)
+
     for step in (0, 1, 2):
-        run = start if step == 0 else out / "runs" / "grpo" / f"checkpoint-{step}"
-        role = "base" if step == 0 else "tuned"
-        answers = read_rows(layout.generations(run, role, "gsm8k"))
-        assert len(answers) == N_QUESTIONS
-        correct = sum(is_correct(extract_answer(a["answer_text"]), world.golds[a["idx"]]) for a in answers)
+        correct = sum(is_correct(extract_answer(a["answer_text"]), world.golds[a["idx"]]) for a in answers[step])
         for r in [r for r in rows if r["step"] == str(step)]:
             assert int(r["correct"]) == correct and int(r["total"]) == N_QUESTIONS
             assert float(r["accuracy"]) == pytest.approx(correct / N_QUESTIONS)
@@ -309,29 +354,39 @@ def test_track_during_training_then_cli_resume(world, capsys):
         if step == 0:
             continue
         # the metric differences, recomputed from the two W files with plain numpy/scipy
-        W = {}
-        for role_ in ("base", "tuned"):
-            with np.load(layout.attribution(run, role_, "gsm8k", 0.1)) as f:
-                W[role_] = f["scores"].astype(np.float64).reshape(len(f["scores"]), -1)
-        Ab, At = np.abs(W["base"]), np.abs(W["tuned"])
-        hi = max(Ab.max(), At.max())
-        expected = {
-            "activation_intensity": At.mean() - Ab.mean(),
-            "information_complexity": _entropy(At, 0.0, hi) - _entropy(Ab, 0.0, hi),
-            "distribution_kurtosis": (np.mean([sps.kurtosis(w, fisher=True) for w in W["tuned"]])
-                                      - np.mean([sps.kurtosis(w, fisher=True) for w in W["base"]])),
-        }
-        got = {r["metric"]: r for r in rows if r["step"] == str(step)}
-        for metric, value in expected.items():
-            assert float(got[metric]["diff"]) == pytest.approx(value, rel=1e-9, abs=1e-12)
-            assert float(got[metric]["diff_ci_low"]) <= float(got[metric]["diff_ci_high"])
-            assert int(got[metric]["n_samples"]) == len(W["base"]) >= 2
-            assert "T_cut" in got[metric]["loss"]
+        got = {(r["objective"], r["scale"], r["metric"]): r for r in rows if r["step"] == str(step)}
+        for o in ("nll", "logit"):
+            Wb, Wt = _W(runs[step], "base", o), _W(runs[step], "tuned", o)
+            Ub, Ut = (W / np.abs(W).mean(axis=1, keepdims=True) for W in (Wb, Wt))
+            lo, hi = qset["ranges"][o]
+            unit_hi = max(np.abs(Ub).max(), np.abs(Ut).max())
+            expected = {
+                ("raw", "activation_intensity"): np.abs(Wt).mean() - np.abs(Wb).mean(),
+                ("raw", "information_complexity"): _entropy(np.abs(Wt), lo, hi) - _entropy(np.abs(Wb), lo, hi),
+                ("unit", "information_complexity"): _entropy(np.abs(Ut), 0, unit_hi) - _entropy(np.abs(Ub), 0, unit_hi),
+                ("raw", "distribution_kurtosis"): (np.mean([sps.kurtosis(w, fisher=True) for w in Wt])
+                                                   - np.mean([sps.kurtosis(w, fisher=True) for w in Wb])),
+            }
+            for (scale, metric), value in expected.items():
+                r = got[(o, scale, metric)]
+                assert float(r["diff"]) == pytest.approx(value, rel=1e-9, abs=1e-12), (o, scale, metric)
+                assert float(r["diff_ci_low"]) <= float(r["diff_ci_high"])
+                assert int(r["n_samples"]) == len(Wb) >= 2 and int(r["n_set"]) == len(idx)
+                assert "T_cut" in r["loss"] and o in r["loss"]
         if step == 2:
-            assert expected["activation_intensity"] != 0.0  # the trained checkpoint really changed the circuit
+            assert expected[("raw", "activation_intensity")] != 0.0  # the trained checkpoint changed the circuit
+
+    # --rechoose: the set chosen again from the start and both checkpoints
+    assert cli_main(args + ["--rechoose"]) == 0
+    again = read_json(layout.track_question_set(start))
+    idx2, t_cut2 = hand_fixed_set(answers[0], [answers[1], answers[2]])
+    assert again["idx"] == idx2 and again["T_cut"] == t_cut2
+    assert again["checkpoints"] == ["grpo/checkpoint-1", "grpo/checkpoint-2"]
+    for step in (1, 2):
+        assert read_json(layout.selection(runs[step], "gsm8k", 0.1))["idx"] == idx2
 
 
-@pytest.mark.parametrize("n_right, reason", [(0, "no question survives the both_correct filter"),
+@pytest.mark.parametrize("n_right, reason", [(0, "no question survives the all_correct step"),
                                              (1, "only 1 question(s) selected")])
 def test_track_with_too_few_both_correct(world, tmp_path, n_right, reason):
     """Golds that the models (almost) never give: accuracy recorded, metrics NaN with the reason; the
@@ -348,7 +403,7 @@ def test_track_with_too_few_both_correct(world, tmp_path, n_right, reason):
                      None)
     assert torch.equal(torch.random.get_rng_state(), before)
     rows = _csv(out / "track.csv")
-    assert [r["step"] for r in rows] == ["0"] * 3 + ["2"] * 3
+    assert [r["step"] for r in rows] == ["0"] * len(COMBOS) + ["2"] * len(COMBOS)
     ckpt = [r for r in rows if r["step"] == "2"]
     answers = read_rows(layout.generations(out / "runs" / "grpo" / "checkpoint-2", "tuned", "gsm8k"))
     correct = sum(is_correct(extract_answer(a["answer_text"]), golds[a["idx"]]) for a in answers)
@@ -358,6 +413,27 @@ def test_track_with_too_few_both_correct(world, tmp_path, n_right, reason):
         assert r["note"].startswith("no metrics:") and reason in r["note"]
     assert (out / "track.png").exists()
     assert not list(out.glob("runs/grpo/checkpoint-2/attribution/*/*/*/*.npz"))
+
+
+def test_per_checkpoint_selection_is_the_pipelines(world, tmp_path):
+    """--question-set per-checkpoint: each checkpoint's selection is the pipeline's select() of start vs it."""
+    from circuitdiff.select import SelectionSettings, select
+
+    out = tmp_path / "track"
+    assert cli_main(["track", str(world.out), "--dataset", "gsm8k", "--source", str(world.data), "--max-new-tokens",
+                     str(MAX_NEW), "--n-boot", "200", "--device", "cpu", "--truncated", "lenient", "--keep-unfinished",
+                     "--question-set", "per-checkpoint", "--objective", "nll", "--out", str(out)]) == 0
+    (start,) = out.glob("start-*")
+    assert not layout.track_question_set(start).exists()
+    base = read_rows(layout.generations(start, "base", "gsm8k"))
+    for step in (1, 2):
+        run = out / "runs" / "grpo" / f"checkpoint-{step}"
+        expected = select(base, read_rows(layout.generations(run, "tuned", "gsm8k")),
+                          SelectionSettings(alpha=0.1, require_finished=False))
+        sel = read_json(layout.selection(run, "gsm8k", 0.1))
+        assert sel["idx"] == expected.idx and sel["T_cut"] == expected.T_cut
+    rows = _csv(out / "track.csv")
+    assert {r["objective"] for r in rows} == {"nll"} and {r["question_set"] for r in rows} == {"per-checkpoint"}
 
 
 def test_cli_wiring():
@@ -379,6 +455,85 @@ def test_train_cli_tracks_while_training(world, tmp_path):
                      "--max-completion-length", "4", "--device", "cpu", "--out", str(out),
                      "--track-dataset", "arith", "--track-limit", "4"]) == 0
     rows = _csv(out / "track" / "track.csv")
-    assert [r["step"] for r in rows] == ["0"] * 3 + ["1"] * 3
+    assert [r["step"] for r in rows] == ["0"] * len(COMBOS) + ["1"] * len(COMBOS)
     assert {r["dataset"] for r in rows} == {"arith"} and {r["total"] for r in rows} == {"4"}
     assert read_json(out / "track" / "track.json")["runs"]["run"]["path"] == str(out.resolve())
+
+
+# ---------------------------------------------------------------------- null controls and DAPO pieces
+
+def test_shuffled_rewards_keep_each_steps_multiset():
+    from circuitdiff.lab.grpo import shuffled
+
+    calls = [[3.0, -0.5, 1.1, -0.5, 0.2, 3.0], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0], [0.0, 0.0, 3.0]]
+    feed = iter(calls)
+    wrapped = shuffled(lambda completions, **_: next(feed), seed=7)
+    seen = [wrapped(completions=["x"] * len(c)) for c in calls]
+    for k, (true, got) in enumerate(zip(calls, seen)):
+        assert sorted(got) == sorted(true)  # the same rewards in the step
+        order = list(range(len(true)))
+        random.Random(7 + k).shuffle(order)  # call k's permutation, drawn independently here
+        assert got == [true[i] for i in order]
+    assert seen[1] != calls[1]  # a real permutation (6! orders; this seed moves them)
+    assert wrapped.true_rewards == calls
+
+
+def test_drop_equal_groups_masks_zero_advantage_groups():
+    from circuitdiff.lab.grpo import drop_equal_groups
+
+    mask = torch.ones(6, 4, dtype=torch.long)
+    mask[1, 3] = 0
+    advantages = torch.tensor([0.0, 0.0, 0.0, 1.2, -1.2, 0.0])  # group 0: all equal rewards; group 1: not
+    kept, dropped = drop_equal_groups(mask, advantages, 3)
+    assert dropped == 1
+    assert kept[:3].sum() == 0 and torch.equal(kept[3:], mask[3:])  # a zero advantage inside a live group stays
+
+
+def test_soft_overlong_is_daposs_penalty():
+    from circuitdiff.lab.grpo import soft_overlong
+
+    penalty = soft_overlong(max_length=10, buffer=4)
+    assert penalty(completion_ids=[[1] * 5, [1] * 6, [1] * 8, [1] * 10, [1] * 12]) == [0.0, 0.0, -0.5, -1.0, -1.0]
+    with pytest.raises(UserError, match="overlong_buffer"):
+        TrainSettings("grpo", overlong="soft", overlong_buffer=300, max_completion_length=200)
+    with pytest.raises(UserError, match="shuffle_rewards is a grpo setting"):
+        TrainSettings("sft", shuffle_rewards=True)
+
+
+def test_self_distill_trains_on_the_bases_finished_correct_answers(tmp_path, monkeypatch):
+    """The rows are exactly the base's greedy answers (generated here, independently) that ended with EOS and
+    match the gold; SFT on them writes LoRA checkpoints."""
+    import circuitdiff.lab.rows as rows_module
+
+    base = save_tiny_lm(tmp_path / "base", eos_scale=6.0)
+    loaded = load_model(str(base), "float32")
+    qs = [f"Calculate {i} + {i + 1}." for i in range(12)]
+    gens = HFBackend(loaded.model, loaded.tokenizer, MAX_NEW).generate([encode(q, loaded.tokenizer, "chat") for q in qs])
+    texts = [loaded.tokenizer.decode(g.answer_ids, skip_special_tokens=True) for g in gens]
+    preds = [extract_answer(t) for t in texts]
+    golds = [p.replace(",", "") if p is not None and i % 3 != 2 else "99999" for i, p in enumerate(preds)]
+    expected = [i for i, (g, gold) in enumerate(zip(gens, golds)) if g.stop == "eos" and is_correct(preds[i], gold)]
+    assert expected and len(expected) < len(qs), "the fixture must keep some answers and drop others"
+    problems = [Problem(i, q, g, "numeric") for i, (q, g) in enumerate(zip(qs, golds))]
+    monkeypatch.setattr(rows_module, "load_problems", lambda *a, **k: problems)
+    settings = TrainSettings("self-distill", base=str(base), dataset="arith", steps=1, save_every=1, batch_size=4,
+                             max_completion_length=MAX_NEW, device="cpu")
+    out = tmp_path / "sd"
+    train(settings, out, log=QUIET)
+    made = read_rows(layout.self_distill_rows(out))
+    assert [r["idx"] for r in made] == expected
+    assert [r["completion"] for r in made] == [texts[i] + loaded.tokenizer.eos_token for i in expected]
+    assert [s for s, _ in layout.find_checkpoints(out)] == [1]
+    assert "NULL CONTROL" in read_json(out / "train.json")["conventions"]["algorithm"]
+    assert_lora_trained(out / "checkpoint-1", str(base), _weights(loaded.model))
+
+
+def test_grpo_with_shuffled_rewards_trains_and_says_so(world, tmp_path):
+    out = tmp_path / "shuffled"
+    train(TrainSettings("grpo", base=str(world.base), dataset="arith", limit=4, steps=1, save_every=1, seed=1,
+                        questions_per_step=2, num_generations=3, max_completion_length=6, device="cpu",
+                        truncated="lenient", shuffle_rewards=True), out, log=QUIET)
+    record = read_json(out / "train.json")
+    assert record["settings"]["shuffle_rewards"] and "rewards permuted within each step" in record["conventions"]["algorithm"]
+    assert any("rewards/shuffled_circuitdiff_reward/mean" in h for h in record["log_history"])
+    assert_lora_trained(out / "checkpoint-1", str(world.base), world.base_weights)

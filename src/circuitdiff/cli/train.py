@@ -1,16 +1,16 @@
-"""`circuitdiff train {sft,grpo,dpo}`: post-train one base with TRL + LoRA, checkpoints every k steps."""
+"""`circuitdiff train {sft,grpo,dpo,self-distill}`: post-train one base with TRL + LoRA, checkpoints every k steps."""
 
 from __future__ import annotations
 
 from circuitdiff.cli import options
-from circuitdiff.lab.settings import ALGORITHMS, TrainSettings
+from circuitdiff.lab.settings import ALGORITHMS, OVERLONG, TrainSettings
 
 
 def register(subparsers) -> None:
     d = options.defaults(TrainSettings)
     p = subparsers.add_parser(
         "train",
-        help="post-train a base with SFT, GRPO (DAPO loss) or DPO (TRL + LoRA), checkpoints every k steps",
+        help="post-train a base with SFT, GRPO (DAPO loss), DPO or a null fine-tune (TRL + LoRA), checkpoints every k steps",
         description="Train one algorithm from one base on one dataset; checkpoints are LoRA dirs that "
                     "`circuitdiff run`/`track` load. A rerun with the same --out resumes.",
     )
@@ -33,6 +33,13 @@ def register(subparsers) -> None:
     p.add_argument("--max-completion-length", type=int, default=d.max_completion_length)
     p.add_argument("--questions-per-step", type=int, default=d.questions_per_step, help="grpo")
     p.add_argument("--num-generations", type=int, default=d.num_generations, help="grpo group size")
+    p.add_argument("--no-dynamic-sampling", action="store_true",
+                   help="grpo: keep groups whose rewards are all equal (default: drop them from the step, as DAPO)")
+    p.add_argument("--overlong", choices=OVERLONG, default=d.overlong,
+                   help="grpo: cap (a cut answer has no answer, -0.5; default) or soft (DAPO's length penalty)")
+    p.add_argument("--overlong-buffer", type=int, default=d.overlong_buffer, help="grpo --overlong soft: L_cache")
+    p.add_argument("--shuffle-rewards", action="store_true",
+                   help="grpo null control: permute the rewards within each step (no task signal)")
     p.add_argument("--dpo-samples", type=int, default=d.dpo_samples)
     p.add_argument("--dpo-beta", type=float, default=d.dpo_beta)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="sft/dpo")
@@ -53,7 +60,9 @@ def run(args) -> int:
         prompt=args.prompt, steps=args.steps, save_every=args.save_every, learning_rate=args.lr, seed=args.seed,
         lora_r=args.lora_r, lora_alpha=args.lora_alpha, temperature=args.temperature, truncated=args.truncated,
         max_completion_length=args.max_completion_length, questions_per_step=args.questions_per_step,
-        num_generations=args.num_generations, dpo_samples=args.dpo_samples, dpo_beta=args.dpo_beta,
+        num_generations=args.num_generations, dynamic_sampling=not args.no_dynamic_sampling,
+        overlong=args.overlong, overlong_buffer=args.overlong_buffer, shuffle_rewards=args.shuffle_rewards,
+        dpo_samples=args.dpo_samples, dpo_beta=args.dpo_beta,
         batch_size=args.batch_size, gradient_checkpointing=args.gradient_checkpointing, dtype=args.dtype,
         device=args.device,
     )

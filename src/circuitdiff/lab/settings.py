@@ -15,7 +15,9 @@ from circuitdiff.prompts import INSTRUCTION
 
 UNKEYED = {"unkeyed": True}
 
-ALGORITHMS = ("sft", "grpo", "dpo")
+ALGORITHMS = ("sft", "grpo", "dpo", "self-distill")
+OVERLONG = ("cap", "soft")
+QUESTION_SETS = ("fixed", "per-checkpoint")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -48,6 +50,15 @@ class TrainSettings:
     num_generations: int = 4
     epsilon: float = 0.2
     epsilon_high: float = 0.28
+    # DAPO's dynamic sampling: a group whose rewards are all equal carries no advantage; it is dropped from the
+    # step (its tokens leave the token-level normaliser). The batch is not refilled (DAPO over-samples to refill)
+    dynamic_sampling: bool = True
+    # a completion cut at the cap: "cap" = no answer under strict grading (-0.5); "soft" adds DAPO's linear
+    # penalty from 0 to -1 over the last `overlong_buffer` tokens before the cap
+    overlong: str = "cap"
+    overlong_buffer: int = 40
+    # null control: permute the rewards within each step (same reward multiset, no task signal)
+    shuffle_rewards: bool = False
     # dpo
     dpo_beta: float = 0.1
     dpo_samples: int = 4
@@ -65,6 +76,12 @@ class TrainSettings:
             raise UserError("steps and save_every must be >= 1")
         if self.algorithm == "grpo" and self.num_generations < 2:
             raise UserError("grpo needs num_generations >= 2 (advantages are relative to the group)")
+        if self.overlong not in OVERLONG:
+            raise UserError(f"overlong {self.overlong!r} is unknown; use one of {', '.join(OVERLONG)}")
+        if self.overlong == "soft" and not 0 < self.overlong_buffer < self.max_completion_length:
+            raise UserError(f"overlong_buffer {self.overlong_buffer} must lie in (0, max_completion_length)")
+        if self.shuffle_rewards and self.algorithm != "grpo":
+            raise UserError("shuffle_rewards is a grpo setting (the null control of the reward)")
         if self.truncated not in ("strict", "lenient"):
             raise UserError(f"truncated {self.truncated!r} is unknown; use strict or lenient")
         self.lora_targets = tuple(self.lora_targets)
@@ -77,7 +94,12 @@ class TrackSettings:
     source: str | None = None  # None: the dataset's offline/generated source; else a file path or 'hub'
     limit: int | None = None  # the first n test problems
     alpha: float = 0.1
-    n_samples: int = 100  # N: questions drawn per checkpoint (the same for base and checkpoint)
+    n_samples: int = 100  # N: questions drawn (once for the fixed set; per checkpoint otherwise)
+    # "fixed": one question set, T_cut and raw histogram range for every checkpoint (lab/question_set.py);
+    # "per-checkpoint": the selection re-run for each checkpoint against the start (questions, T_cut and
+    # ranges then differ from step to step)
+    question_set: str = "fixed"
+    objectives: tuple[str, ...] = ("nll", "logit")
     seed: int = 0
     max_new_tokens: int | None = None  # None: the training run's max_completion_length
     dtype: str = "float32"
@@ -104,6 +126,14 @@ class TrackSettings:
             raise UserError(f"entries {self.entries!r} is unknown; use one of {', '.join(ENTRIES)}")
         if not 0 < self.alpha <= 1:
             raise UserError(f"alpha={self.alpha} must lie in (0, 1]")
+        from circuitdiff.choices import OBJECTIVES
+
+        if self.question_set not in QUESTION_SETS:
+            raise UserError(f"question_set {self.question_set!r} is unknown; use one of {', '.join(QUESTION_SETS)}")
+        self.objectives = tuple(self.objectives)
+        bad = [o for o in self.objectives if o not in OBJECTIVES]
+        if bad or not self.objectives or len(set(self.objectives)) != len(self.objectives):
+            raise UserError(f"objectives {list(self.objectives)}: use one or both of {', '.join(OBJECTIVES)}, once each")
         if self.min_samples < 2:
             raise UserError("min_samples must be at least 2 (the paired statistics need two questions)")
         self.report_settings()  # validates bins, log base, n_boot, n_perm
@@ -113,11 +143,12 @@ class TrackSettings:
         data = asdict(self)
         return {f.name: data[f.name] for f in fields(self) if not f.metadata.get("unkeyed")}
 
-    def report_settings(self):
+    def report_settings(self, value_range: str | tuple[float, float] = "shared"):
+        """The report's settings for one checkpoint's pair; value_range: the raw-scale histogram range."""
         from circuitdiff.report import Settings
 
         try:
             return Settings(entries=(self.entries,), bins=self.bins, log_base=self.log_base, eps=self.eps,
-                            n_boot=self.n_boot, n_perm=self.n_perm, seed=self.seed)
+                            n_boot=self.n_boot, n_perm=self.n_perm, seed=self.seed, range=value_range)
         except ValueError as err:
             raise UserError(f"track settings: {err}") from None

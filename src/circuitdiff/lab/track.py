@@ -5,244 +5,189 @@ preset, instruction, algorithm and temperature) and each checkpoint in it, track
 (the paper's appendix B; docs/lab.md):
 - test accuracy: greedy answers on the held-out split (default ``test``), graded like
   everywhere else, with a 95% Wilson interval;
-- the three circuit metrics (Activation Intensity, Information Complexity, Distribution
-  Kurtosis) of the checkpoint MINUS those of the starting model, with paired bootstrap 95% CIs.
+- the circuit metrics of the checkpoint MINUS those of the starting model, with paired
+  bootstrap 95% CIs, for each objective (nll, logit) and scale (raw, unit).
+
+By default the questions are a FIXED set (lab/question_set.py): chosen once from the start and
+every checkpoint, with one T_cut and, per objective, one raw-scale histogram range, so that a
+trajectory is a paired comparison from step to step; `question_set="per-checkpoint"` re-runs
+the selection for each checkpoint instead (the older behaviour).
 
 It reuses the pipeline: each checkpoint gets a run directory with base = the starting model and
 tuned = the checkpoint, filled by the pipeline's stages; `circuitdiff.report.analyse_run` gives
 the differences. The track directory's layout is in store/layout.py. Step 0 is the starting
-model itself: its accuracy, and a difference of 0 by definition. A killed track resumes: the
-stages skip finished work, and each checkpoint's analysis is cached under a key made of the
-stages' keys and the track settings. A checkpoint with fewer than `min_samples` selected
-questions gets its accuracy and NaN metrics with the reason in ``note``; the track goes on.
+model itself. A killed track resumes: the stages skip finished work, and each checkpoint's
+result is cached under a key made of the stages' keys, the set and the track settings.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
 import time
 from pathlib import Path
 
 from circuitdiff import io
 from circuitdiff.errors import UserError
+from circuitdiff.lab import question_set as QS
 from circuitdiff.lab.settings import TrackSettings
-from circuitdiff.lab.track_outputs import TRACK_METRICS, describe, write_outputs
+from circuitdiff.lab.track_outputs import describe, write_outputs
+from circuitdiff.lab.track_runs import (Checkpoint, attribution_keys, context, dataset_key, dataset_name, lock,
+                                        metrics, read_registry, register, run_config, share_attribution,
+                                        share_base_answers, start_dir, write_selection)
 from circuitdiff.store import layout
 from circuitdiff.store.keys import read_key, settings_key
 
 __all__ = ["TrackSettings", "track"]
 
 
-# ---------------------------------------------------------------------- OUT/track.json
-def _lock(out: Path):
-    """An exclusive lock on OUT while it is written (two trainings may track into one OUT)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not Linux/macOS
-        return contextlib.nullcontext()
-
-    @contextlib.contextmanager
-    def held():
-        out.mkdir(parents=True, exist_ok=True)
-        with open(layout.track_lock(out), "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
-    return held()
-
-
-def _read_registry(out: Path, settings: TrackSettings) -> dict:
-    path = layout.track_registry(out)
-    wanted = settings.result_settings()
-    if not path.exists():
-        return {"settings": wanted, "runs": {}}
-    registry = io.read_json(path)
-    held = registry.get("settings", {})
-    changed = sorted(k for k in set(wanted) | set(held) if held.get(k) != wanted.get(k))
-    if changed:
-        raise UserError(f"{out} tracks with other settings (changed: {', '.join(changed)}); "
-                        "use another --out, or the same settings")
-    return registry
-
-
-def _train_info(train_dir: Path) -> dict:
-    path = layout.train_record(train_dir)
-    if not path.exists():
-        raise UserError(f"{train_dir} holds no train.json; pass an output dir of `circuitdiff train`")
-    s = io.read_json(path)["settings"]
-    return {"path": str(train_dir.resolve()), "algorithm": s["algorithm"], "temperature": s["temperature"],
-            "base": s["base"], "prompt": s["prompt"], "instruction": s["instruction"],
-            "max_completion_length": s["max_completion_length"], "train_data": f"{s['dataset']} {s['split']}"}
-
-
-def _register(registry: dict, train_dir: Path) -> str:
-    """The label of a training run in OUT (its dir name; '-2', '-3' ... when another run has it)."""
-    info = _train_info(train_dir)
-    for label, held in registry["runs"].items():
-        if held["path"] == info["path"]:
-            registry["runs"][label] = info
-            return label
-    label, n = train_dir.resolve().name, 1
-    while label in registry["runs"]:
-        n += 1
-        label = f"{train_dir.resolve().name}-{n}"
-    registry["runs"][label] = info
-    return label
-
-
-# ---------------------------------------------------------------------- run dirs
-def _run_config(info: dict, tuned: str, s: TrackSettings, device: str):
-    from circuitdiff.config import parse_config
-
-    return parse_config({
-        "name": "track", "base": info["base"], "tuned": tuned,
-        "datasets": [{"name": s.dataset, "split": s.split, "source": s.source, "limit": s.limit}],
-        "alphas": [s.alpha], "n_samples": s.n_samples, "seed": s.seed, "selection": dict(s.selection),
-        "granularity": s.granularity, "dtype": s.dtype, "device": device,
-        "attn_implementation": s.attn_implementation, "prompt": info["prompt"], "instruction": info["instruction"],
-        "max_new_tokens": s.max_new_tokens or info["max_completion_length"],
-        "gen_batch_size": s.gen_batch_size, "attr_batch_size": s.attr_batch_size,
-        "grading": {"truncated": s.truncated},
-    }, "track settings")
-
-
-def _context(config, run: Path, s: TrackSettings, log):
-    from circuitdiff.pipeline import RunContext, write_manifest
-
-    ctx = RunContext(config, run, progress=s.progress, log=log)
-    ctx.run.mkdir(parents=True, exist_ok=True)
-    write_manifest(ctx)
-    return ctx
-
-
-def _start_dir(out: Path, info: dict, s: TrackSettings, device: str):
-    """(TRACK/start-{key}, its config): key = the generate stage's key of the starting model's answers."""
-    from circuitdiff.stages import generate
-
-    cfg = _run_config(info, info["base"], s, device)
-    return layout.track_start(out, settings_key(generate.settings(cfg, "base", cfg.datasets[0]))), cfg
-
-
 def _start(out: Path, info: dict, s: TrackSettings, device: str, log) -> Path:
     """The starting model's greedy answers, generated once (tuned = itself, copied)."""
     from circuitdiff.pipeline import run_stages
 
-    start, cfg = _start_dir(out, info, s, device)
-    run_stages(_context(cfg, start, s, log), until="grade")
+    start, cfg = start_dir(out, info, s, device)
+    run_stages(context(cfg, start, s, log), until="grade")
     return start
 
 
-def _share_base(start: Path, run: Path, ds: str) -> None:
-    """Copy the starting model's answers into a checkpoint's run dir (unless it has them already)."""
-    for src, dst in ((layout.generations(start, "base", ds), layout.generations(run, "base", ds)),
-                     (layout.generations_meta(start, "base", ds), layout.generations_meta(run, "base", ds))):
-        if not dst.exists():
-            io.write_bytes(dst, src.read_bytes())
+def _answers(c: Checkpoint, s: TrackSettings, device: str, log) -> None:
+    """Generate and grade the checkpoint's answers in its run dir (the start's answers copied in)."""
+    from circuitdiff.stages import generate, grade
 
-
-def _accuracy(run: Path, role: str, ds: str) -> dict:
-    return io.read_json(layout.generations_meta(run, role, ds))["accuracy"]
-
-
-def _result_key(run: Path, ds: str, s: TrackSettings) -> str:
-    """The track settings, the generations' keys and accuracies, and the keys of the selection and W files."""
-    parts: dict = {"settings": s.result_settings()}
-    for role in layout.ROLES:
-        meta = io.read_json(layout.generations_meta(run, role, ds))
-        parts[role] = [meta.get("key"), meta.get("accuracy")]
-        parts[f"attr_{role}"] = read_key(layout.attribution(run, role, ds, s.alpha))
-    parts["selection"] = read_key(layout.selection(run, ds, s.alpha))
-    return settings_key(parts)
-
-
-def _evaluate(out: Path, label: str, info: dict, step: int, checkpoint: Path, start: Path,
-              s: TrackSettings, device: str, log) -> dict:
-    """Run the stages for (start, checkpoint) and return the checkpoint's result (cached by key)."""
-    from circuitdiff.stages import attribute, generate, grade, select
-
-    ds = _dataset_key(s)
-    run = layout.track_checkpoint(out, label, step)
-    run.mkdir(parents=True, exist_ok=True)
-    _share_base(start, run, ds)
-    ctx = _context(_run_config(info, str(checkpoint.resolve()), s, device), run, s, log)
-    note, selected = "", False
+    c.run.mkdir(parents=True, exist_ok=True)
+    share_base_answers(c.start, c.run, dataset_key(s))
+    ctx = context(run_config(c.info, str(c.path.resolve()), s, device), c.run, s, log)
     try:
         generate.stage(ctx)
         grade.stage(ctx)
-        try:
-            select.stage(ctx)
-            selected = True
-        except UserError as err:
-            note = f"no metrics: {err}"
-        if not note:
-            drawn = len(io.read_json(layout.selection(run, ds, s.alpha))["idx"])
-            if drawn < s.min_samples:
-                note = (f"no metrics: only {drawn} question(s) selected (both correct, both finished and passing "
-                        f"the length filters); at least {s.min_samples} are needed")
-            else:
-                attribute.stage(ctx)
     finally:
         ctx.models.release()
 
-    key = _result_key(run, ds, s)
-    cached = layout.track_result(run)
-    if cached.exists():
-        old = io.read_json(cached)
-        if old.get("key") == key:
-            return old
-    result = {"key": key, "run": label, "step": step, "checkpoint": str(checkpoint.resolve()),
-              "accuracy": _accuracy(run, "tuned", ds), "metrics": None, "note": note,
-              "n_both_correct": None, "n_samples": 0}
-    if selected:
-        sel = io.read_json(layout.selection(run, ds, s.alpha))
-        result["n_both_correct"] = sel["counts"]["both_correct"]
+
+def _rows(run: Path, role: str, s: TrackSettings) -> list[dict]:
+    from circuitdiff.store.artifacts import read_generations
+
+    return read_generations(run, role, dataset_key(s))
+
+
+def _fixed_set(start: Path, checkpoints: list[Checkpoint], s: TrackSettings, rechoose: bool, log) -> dict:
+    """The start's fixed question set: read, or chosen from the start and `checkpoints` (and written)."""
+    from circuitdiff.select import SelectionSettings
+
+    path = layout.track_question_set(start)
+    if path.exists() and not rechoose:
+        return io.read_json(path)
+    sel = SelectionSettings(alpha=s.alpha, n_samples=s.n_samples, seed=s.seed, **s.selection)
+    chosen = QS.choose(_rows(start, "base", s), {c.name: _rows(c.run, "tuned", s) for c in checkpoints}, sel)
+    io.write_json(path, chosen)
+    log(f"track: fixed question set of {start.name}: {len(chosen['idx'])} questions, T_cut={chosen['T_cut']} "
+        f"(chosen from the start and {len(checkpoints)} checkpoint(s); counts {chosen['counts']})")
+    return chosen
+
+
+def _attribute(c: Checkpoint, s: TrackSettings, device: str, qset: dict | None, log) -> str:
+    """Selection and W files of one checkpoint's run dir; returns a note ("" when it has metrics)."""
+    from circuitdiff.stages import attribute, select
+
+    ds, ctx = dataset_key(s), context(run_config(c.info, str(c.path.resolve()), s, device), c.run, s, log)
+    try:
+        if qset is None:
+            try:
+                select.stage(ctx)
+            except UserError as err:
+                return f"no metrics: {err}"
+        else:
+            write_selection(c.run, ds, s.alpha, QS.selection_for(qset, _rows(c.run, "tuned", s)))
+        drawn = len(io.read_json(layout.selection(c.run, ds, s.alpha))["idx"])
+        if drawn < s.min_samples:
+            return f"no metrics: {_too_few(drawn, s)}"
+        dataset = ctx.config.datasets[0]
+        for objective in s.objectives:
+            if qset is not None:
+                share_attribution(c.start, c.run, ds, s.alpha, objective)
+            for role in ("tuned", "base"):
+                attribute.attribute_one(ctx, role, role, dataset, s.alpha, objective)
+    finally:
+        ctx.models.release()
+    return ""
+
+
+def _too_few(n: int, s: TrackSettings) -> str:
+    return f"only {n} question(s) selected; at least {s.min_samples} are needed for the paired statistics"
+
+
+def _start_attribution(start: Path, info: dict, qset: dict, s: TrackSettings, device: str, log) -> None:
+    """The start model's W on the full set, once, in its own run dir (checkpoints with the full set copy it)."""
+    from circuitdiff.stages import attribute
+
+    ds = dataset_key(s)
+    write_selection(start, ds, s.alpha, QS.selection_for(qset, _rows(start, "base", s)))
+    ctx = context(start_dir(start.parent, info, s, device)[1], start, s, log)
+    try:
+        for objective in s.objectives:
+            attribute.attribute_one(ctx, "base", "base", ctx.config.datasets[0], s.alpha, objective)
+    finally:
+        ctx.models.release()
+
+
+def _ranges(start: Path, runs: list[Path], qset: dict, s: TrackSettings, rechoose: bool) -> dict:
+    """Per objective, the raw-scale histogram range [0, max |W|] over the start's and every checkpoint's W
+    (entries mode of the settings): computed once, kept in the set's file."""
+    import numpy as np
+
+    from circuitdiff.metrics import select_entries
+    from circuitdiff.store.artifacts import Attribution
+
+    if qset.get("ranges") and not rechoose:
+        return qset["ranges"]
+    ds, ranges = dataset_key(s), {}
+    for objective in s.objectives:
+        files = [layout.attribution(start, "base", ds, s.alpha, objective=objective)]
+        files += [layout.attribution(r, "tuned", ds, s.alpha, objective=objective) for r in runs]
+        hi = 0.0
+        for f in files:
+            if f.exists():
+                a = Attribution.load(f)
+                hi = max(hi, float(np.abs(select_entries(a.scores, a.edge_mask, s.entries)).max()))
+        ranges[objective] = [0.0, hi]
+    qset["ranges"] = ranges
+    io.write_json(layout.track_question_set(start), qset)
+    return ranges
+
+
+def _result(c: Checkpoint, s: TrackSettings, note: str, qset: dict | None) -> dict:
+    """The checkpoint's numbers, cached under the key of everything they depend on."""
+    ds = dataset_key(s)
+    meta = io.read_json(layout.generations_meta(c.run, "tuned", ds))
+    sel_path = layout.selection(c.run, ds, s.alpha)
+    parts = {"settings": s.result_settings(), "accuracy": meta.get("accuracy"), "generation": meta.get("key"),
+             "note": note, "selection": read_key(sel_path) if sel_path.exists() else None,
+             "attribution": attribution_keys(c.run, ds, s), "ranges": (qset or {}).get("ranges")}
+    key = settings_key(parts)
+    cached = layout.track_result(c.run)
+    if cached.exists() and io.read_json(cached).get("key") == key:
+        return io.read_json(cached)
+    result = {"key": key, "run": c.label, "step": c.step, "checkpoint": str(c.path.resolve()),
+              "accuracy": meta["accuracy"], "metrics": None, "note": note, "n_samples": 0,
+              "question_set": s.question_set}
+    if sel_path.exists():
+        sel = io.read_json(sel_path)
         result["n_samples"] = len(sel["idx"])
+        if qset is not None:
+            result.update({"n_set": len(qset["idx"]), "n_set_correct": QS.n_correct(qset, _rows(c.run, "tuned", s)),
+                           "note": "; ".join(x for x in (note, sel.get("note", "")) if x)})
     if not note:
-        result.update(_metrics(run, s))
+        result.update(metrics(c.run, s, (qset or {}).get("ranges")))
     io.write_json(cached, result)
     return result
 
 
-def _metrics(run: Path, s: TrackSettings) -> dict:
-    from circuitdiff.report import analyse_run
-
-    settings = s.report_settings()
-    try:
-        results, _, _ = analyse_run(run, settings)
-    except UserError as err:
-        return {"metrics": None, "note": f"no metrics: {err}"}
-    (res,) = [r for r in results if math.isclose(r.alpha_value, s.alpha) and (r.objective, r.text) == ("nll", "own")]
-    metrics = {}
-    for metric in TRACK_METRICS:
-        c = res.comparisons[(s.entries, "raw", metric)]
-        metrics[metric] = {"base": c.base, "tuned": c.tuned, "diff": c.diff, "diff_ci": list(c.diff_ci),
-                           "p_perm": c.p_perm}
-    (lo, hi), _, _ = res.ranges[(s.entries, "raw")]
-    return {"metrics": metrics, "loss": res.loss_label, "n_samples": res.n_samples,
-            "range": f"[{lo:.6g}, {hi:.6g}] shared by the pair", "ci_method": settings.ci_method}
-
-
-def _dataset_name(s: TrackSettings) -> str:
-    from circuitdiff.data import dataset_spec
-
-    return dataset_spec(s.dataset).name
-
-
-def _dataset_key(s: TrackSettings) -> str:
-    return layout.dataset_key(_dataset_name(s), s.split)
-
-
 # ---------------------------------------------------------------------- track
 def track(train_dirs: list[str | Path], settings: TrackSettings, out: str | Path | None = None,
-          steps: list[int] | None = None, log=print) -> Path:
+          steps: list[int] | None = None, rechoose: bool = False, log=print) -> Path:
     """Evaluate every checkpoint of every training run into OUT; returns OUT/track.csv.
 
-    `steps`: evaluate only these checkpoint steps (the callback passes the one just saved);
-    the csv always holds every checkpoint evaluated so far in OUT.
+    `steps`: evaluate only these checkpoint steps (the callback passes the one just saved); the csv
+    always holds every checkpoint evaluated so far in OUT. `rechoose`: choose the fixed question set
+    again from the start and every checkpoint in OUT (else the set chosen first is kept).
     """
     from circuitdiff.models import resolve_device
 
@@ -253,27 +198,58 @@ def track(train_dirs: list[str | Path], settings: TrackSettings, out: str | Path
         if len(train_dirs) > 1:
             raise UserError("several training runs: pass --out (the directory that holds their comparison)")
         out = layout.default_track_dir(train_dirs[0])
-    out = Path(out)
-    device = resolve_device(settings.device)
-    ds = _dataset_key(settings)
-    with _lock(out):
-        registry = _read_registry(out, settings)
-        labels = [_register(registry, d) for d in train_dirs]
+    out, device, s = Path(out), resolve_device(settings.device), settings
+    with lock(out):
+        registry = read_registry(out, s)
+        if rechoose:  # a new set changes every checkpoint's numbers: evaluate every registered run again
+            held = [Path(info["path"]) for info in registry["runs"].values() if Path(info["path"]).exists()]
+            train_dirs += [d for d in held if d.resolve() not in {t.resolve() for t in train_dirs}]
+        labels = [register(registry, d) for d in train_dirs]
         io.write_json(layout.track_registry(out), registry)
+        todo: list[Checkpoint] = []
         for label, train_dir in zip(labels, train_dirs):
             info = registry["runs"][label]
-            if info["train_data"] == f"{_dataset_name(settings)} {settings.split}" and settings.source is None:
+            if info["train_data"] == f"{dataset_name(s)} {s.split}" and s.source is None:
                 raise UserError(f"{train_dir} was trained on {info['train_data']}; track on another split "
                                 "(the held-out test split)")
             found = [(st, p) for st, p in layout.find_checkpoints(train_dir) if steps is None or st in steps]
             if not found and steps is None:
                 log(f"track {label}: no checkpoint-*/ in {train_dir} yet")
-            start = _start(out, info, settings, device, log) if found or steps is None else None
-            for step, path in found:
-                t0 = time.time()
-                r = _evaluate(out, label, info, step, path, start, settings, device, log)
-                log(describe(label, r, settings, time.time() - t0))
-        starts = {label: _start_dir(out, info, settings, device)[0] for label, info in registry["runs"].items()}
-        write_outputs(out, registry, settings, ds, starts)
+            start = _start(out, info, s, device, log) if found or steps is None else None
+            todo += [Checkpoint(label, info, st, p, start, layout.track_checkpoint(out, label, st)) for st, p in found]
+        t0 = {c.name: time.time() for c in todo}
+        for c in todo:
+            _answers(c, s, device, log)
+        for start in dict.fromkeys(c.start for c in todo):
+            mine = [c for c in todo if c.start == start]
+            qset, failed = None, ""
+            if s.question_set == "fixed":
+                try:
+                    qset = _fixed_set(start, _all_checkpoints(out, registry, start, s, device), s, rechoose, log)
+                except UserError as err:
+                    failed = f"no metrics: {err}"
+                if qset is not None and len(qset["idx"]) < s.min_samples:
+                    failed = f"no metrics: {_too_few(len(qset['idx']), s)}"
+                if not failed:
+                    _start_attribution(start, mine[0].info, qset, s, device, log)
+            notes = {c.name: failed or _attribute(c, s, device, qset, log) for c in mine}
+            if qset is not None and not failed:
+                _ranges(start, [c.run for c in _all_checkpoints(out, registry, start, s, device)], qset, s, rechoose)
+            for c in mine:
+                log(describe(c.label, _result(c, s, notes[c.name], qset), s, time.time() - t0[c.name]))
+        starts = {label: start_dir(out, info, s, device)[0] for label, info in registry["runs"].items()}
+        write_outputs(out, registry, s, dataset_key(s), starts)
     log(f"track: wrote {layout.track_csv(out)} and {layout.track_figure(out)}")
     return layout.track_csv(out)
+
+
+def _all_checkpoints(out: Path, registry: dict, start: Path, s: TrackSettings, device: str) -> list[Checkpoint]:
+    """Every checkpoint in OUT with answers, from the runs that share `start`."""
+    found = []
+    for label, info in registry["runs"].items():
+        if start_dir(out, info, s, device)[0] != start:
+            continue
+        for step, run in layout.find_track_checkpoints(out, label):
+            if layout.generations_meta(run, "tuned", dataset_key(s)).exists():
+                found.append(Checkpoint(label, info, step, layout.train_checkpoint(Path(info["path"]), step), start, run))
+    return found

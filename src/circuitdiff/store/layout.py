@@ -20,6 +20,7 @@
     TRACK/ (`circuitdiff track`)
       track.json, track.csv, track.png
       start-{key}/                                     a run dir: the starting model paired with itself
+      start-{key}/question_set.json                    the fixed questions, T_cut and histogram ranges
       runs/{run}/checkpoint-{step}/                    a run dir: start vs that checkpoint
       runs/{run}/checkpoint-{step}/track_result.json   the checkpoint's numbers, keyed by its inputs
 
@@ -28,6 +29,7 @@
       checkpoint-{step}/                               a LoRA adapter dir (+ optimizer state)
       final/                                           the last adapter
       dpo_pairs.jsonl                                  dpo: the pairs built from the base's samples
+      self_distill.jsonl                               self-distill: the base's own correct greedy answers
 
 role is "base" or "tuned"; dataset is the dataset name, with "_{split}" when the split is not "test";
 scoring is the objective ("nll" or "logit") when W is EAP's, and "{objective}+{method}" for another
@@ -251,6 +253,11 @@ def track_start(out: Path, key: str) -> Path:
     return Path(out) / f"start-{key}"
 
 
+def track_question_set(start: Path) -> Path:
+    """The fixed question set (idx, T_cut, ranges) of every checkpoint tracked from this start."""
+    return Path(start) / "question_set.json"
+
+
 def track_runs(out: Path, label: str) -> Path:
     return Path(out) / "runs" / label
 
@@ -261,6 +268,13 @@ def track_checkpoint(out: Path, label: str, step: int) -> Path:
 
 def track_result(checkpoint_run: Path) -> Path:
     return Path(checkpoint_run) / "track_result.json"
+
+
+def find_track_checkpoints(out: Path, label: str) -> list[tuple[int, Path]]:
+    """(step, run dir) of every checkpoint run dir of a training run in a track, by step."""
+    found = [(int(p.name.split("-")[-1]), p) for p in track_runs(out, label).glob("checkpoint-*")
+             if p.name.split("-")[-1].isdigit()]
+    return sorted(found)
 
 
 def find_track_results(out: Path, label: str) -> list[Path]:
@@ -287,6 +301,11 @@ def adapter_config(adapter_dir: Path) -> Path:
 
 def dpo_pairs(out: Path) -> Path:
     return Path(out) / "dpo_pairs.jsonl"
+
+
+def self_distill_rows(out: Path) -> Path:
+    """self-distill: the base's own greedy, finished, correct answers it is trained on."""
+    return Path(out) / "self_distill.jsonl"
 
 
 def find_checkpoints(out: Path) -> list[tuple[int, Path]]:
