@@ -21,7 +21,7 @@ from circuitdiff.cli import main
 from circuitdiff.errors import UserError
 from circuitdiff.engine import EdgeEditor, exact_edge_effects, generate_with_edits, losses_with_edits
 from circuitdiff.graph import Edge, all_edges
-from circuitdiff.intervene import intervene, paired_effects, random_draws, top_edges
+from circuitdiff.intervene import intervene, matched_draws, paired_effects, random_draws, top_edges
 from circuitdiff.stages.intervene import choose_targeted
 
 EOS = 0  # tiny_samples draws ids from 1..60; a generated 0 ends an answer
@@ -54,14 +54,15 @@ def test_factor_zero_on_one_edge_equals_the_exact_ablation():
         assert np.abs(dL).max() > 1e-4
 
 
-@pytest.mark.parametrize("arch,granularity", [("llama", "head"), ("qwen3", "qkv"), ("gemma2", "block")])
-def test_several_scaled_edges_equal_the_gated_oracle(arch, granularity):
-    """Chained edges (an edited source feeding another edited edge) use the source's edited output."""
+@pytest.mark.parametrize("arch,granularity,factor", [("llama", "head", 0.3), ("qwen3", "qkv", 2.0),
+                                                    ("gemma2", "block", 0.3)])
+def test_several_scaled_edges_equal_the_gated_oracle(arch, granularity, factor):
+    """Chained edges (an edited source feeding another edited edge) use the source's edited output; factor 2
+    amplifies (the base-model test of grown edges)."""
     model = tiny_model(arch)
     editor = EdgeEditor(model, granularity)
     edges = all_edges(editor.graph)
     chosen = [edges[0], edges[len(edges) // 3], edges[len(edges) // 2], edges[-2]]
-    factor = 0.3
     samples = tiny_samples(24, 2)
     loss = losses_with_edits(model, editor, samples, [(e, 1 - factor) for e in chosen])
     gates = {(e.dst, e.src): factor for e in chosen}
@@ -229,3 +230,70 @@ def test_report_section_shows_validation_and_intervention(tmp_path, capsys):
     layout.intervention(run, "tuned", "gsm8k", 0.1, "broken").write_text("{")
     sections = validation_section(SimpleNamespace(run_dir=run))
     assert "broken.json" in sections[1].text and len(sections[1].blocks[0].rows) == 1
+
+
+def _band(name: str, n_layers: int, bands: int) -> int:
+    """The layer band of a destination name, computed from the name alone."""
+    layer = n_layers if name == "logits" else int(name.split(".")[1])
+    return min(bands - 1, layer * bands // (n_layers + 1))
+
+
+def test_matched_control_partners_by_band_and_magnitude():
+    """Every partner: same destination band, not targeted, not repeated, and fewer than `caliper` eligible
+    same-band edges are closer to the target in |log mean|W|| (brute force); closer than uniform draws."""
+    graph = EdgeEditor(tiny_model("llama"), "qkv").graph
+    edges = all_edges(graph)
+    values = np.random.default_rng(3).lognormal(0.0, 2.0, len(edges))
+    targeted = [edges[i] for i in np.random.default_rng(4).choice(len(edges), 6, replace=False)]
+    value = dict(zip(edges, values))
+    bands, caliper = 3, 4
+    draws = matched_draws(targeted, edges, values, graph.n_layers, 20, seed=5, bands=bands, caliper=caliper)
+    assert draws == matched_draws(targeted, edges, values, graph.n_layers, 20, seed=5, bands=bands, caliper=caliper)
+    for draw in draws:
+        assert len(set(draw)) == len(draw) and not set(draw) & set(targeted)
+        for j, (t, p) in enumerate(zip(targeted, draw)):
+            assert _band(p.dst, graph.n_layers, bands) == _band(t.dst, graph.n_layers, bands)
+            eligible = [e for e in edges if e not in targeted and e not in draw[:j]
+                        and _band(e.dst, graph.n_layers, bands) == _band(t.dst, graph.n_layers, bands)]
+            gap = abs(np.log(value[p]) - np.log(value[t]))
+            assert sum(abs(np.log(value[e]) - np.log(value[t])) < gap for e in eligible) < caliper
+    uniform = random_draws(edges, targeted, len(targeted), 20, seed=5)
+    gap = lambda ds: np.mean([abs(np.log(value[p] / value[t])) for d in ds for t, p in zip(targeted, d)])  # noqa: E731
+    assert gap(draws) < gap(uniform)  # the rank check above is the guarantee; this says it helps on average
+    # a band that runs out lends from the nearest band; nothing left anywhere is an error
+    one_band = [e for e in edges if _band(e.dst, graph.n_layers, bands) == 0]
+    spill = matched_draws(one_band, edges, values, graph.n_layers, 1, bands=bands)[0]
+    assert all(_band(p.dst, graph.n_layers, bands) == 1 for p in spill)
+    with pytest.raises(UserError, match="no untargeted edge left"):
+        matched_draws(edges[:-1], edges, values, graph.n_layers, 1, bands=1)
+
+
+def test_amplify_grown_edges_in_the_base_with_matched_control(tmp_path, capsys):
+    """--role base --edges top-grown --factor 2: the grown edges (read from both W files) amplified in the base;
+    the control is matched on the base's W and recorded; --control uniform gives random_draws' sets."""
+    from circuitdiff.store import layout
+
+    model, run, rows = _tiny_run(tmp_path)
+    samples = [{"prompt_ids": r["prompt_ids"], "answer_ids": r["answer_ids"], "cut_len": 2} for r in rows[:3]]
+    base = attribute(model, samples)
+    tuned = attribute(model, samples)
+    tuned.scores = tuned.scores.copy()
+    g = EdgeEditor(model, "block").graph
+    tuned.scores[:, g.dst_index["mlp.1"], g.src_index["attn.0"]] += 100.0
+    base.save(layout.attribution(run, "base", "gsm8k", 0.1))
+    tuned.save(layout.attribution(run, "tuned", "gsm8k", 0.1))
+    common = ["intervene", "--run", str(run), "--dataset", "gsm8k", "--alpha", "0.1", "--role", "base", "--edges",
+              "top-grown", "--k", "1", "--factor", "2", "--n-random", "3", "--no-accuracy"]
+    assert main(common) == 0
+    data = json.loads(layout.intervention(run, "base", "gsm8k", 0.1, "top-grown_k=1_factor=2.0").read_text())
+    assert data["targeted_edges"] == ["attn.0->mlp.1"] and data["factor"] == 2.0 and data["meta"]["role"] == "base"
+    assert data["meta"]["control"].startswith("each draw gives every targeted edge a partner")
+    values = np.abs(base.scores).mean(0)
+    draws = matched_draws([Edge("attn.0", "mlp.1")], all_edges(g), values[tuple(zip(*[(g.dst_index[e.dst], g.src_index[e.src]) for e in all_edges(g)]))],
+                          g.n_layers, 3, seed=0)
+    assert data["random_edges"] == [[e.name for e in d] for d in draws]
+    assert data["meta"]["control_match"]["max_abs_log_ratio"] >= 0
+    assert main(common + ["--control", "uniform", "--out", str(tmp_path / "uniform")]) == 0
+    uniform = json.loads((tmp_path / "uniform" / "top-grown_k=1_factor=2.0.json").read_text())
+    expected = random_draws(all_edges(g), [Edge("attn.0", "mlp.1")], 1, 3, 0)
+    assert uniform["random_edges"] == [[e.name for e in d] for d in expected]

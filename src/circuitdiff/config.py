@@ -134,6 +134,12 @@ class InterventionConfig(_Scored):
     k: int = Field(10, gt=0)
     factor: float = 0.0
     n_random: int = Field(5, ge=0)
+    control: Literal["matched", "uniform"] = Field(
+        "matched", description="random control edges: matched to the targeted ones by destination layer band (the "
+                               "nearest band when one runs out) and mean |W| (needs the role's W file), or uniform")
+    bands: int = Field(4, gt=0, description="matched control: equal layer bands over the decoder layers + logits")
+    caliper: int = Field(10, gt=0, description="matched control: a partner is drawn among the `caliper` edges of the "
+                                              "band closest in log mean |W|")
     n_questions: int = Field(40, gt=0)
     max_new_tokens: int | None = Field(None, gt=0, description="None: the run's max_new_tokens")
     accuracy: bool = True

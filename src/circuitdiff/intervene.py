@@ -11,8 +11,10 @@ positions: the same model as a no-cache recomputation of the whole sequence.
 Conditions, all on the same questions (paired):
 - ``none``: the unmodified model;
 - ``targeted``: the chosen edges scaled by c;
-- ``random``: ``n_random`` draws of k real edges (uniform, without replacement, excluding
-  the targeted edges, seeded), each scaled by c.
+- ``random``: ``n_random`` draws of k real edges (excluding the targeted edges, seeded), each
+  scaled by c: ``matched`` (default in a run: each targeted edge gets a partner in the same
+  destination-layer band whose mean |W| is among the `caliper` closest to its own, on a log
+  scale; `matched_draws`) or ``uniform`` (any real edges).
 Measures per question: the objective on the model's own greedy answer tokens answer_ids[:cut_len]
 given the prompt, as in attribution (`objective`: the mean NLL by default, or minus the mean
 centred logit), and correctness of a fresh greedy answer generated with the intervention active
@@ -35,7 +37,7 @@ import numpy as np
 from circuitdiff import io
 from circuitdiff.choices import OBJECTIVES, check_choice
 from circuitdiff.errors import UserError
-from circuitdiff.graph import Edge, Graph, all_edges, as_edge, edge_index
+from circuitdiff.graph import Edge, Graph, all_edges, as_edge, dst_layer, edge_index
 
 INTERVENTION_CONVENTION = (
     "edge u->d scaled by factor c: d receives x_d - (1-c)*O_u, O_u = u's output in the same (intervened) forward "
@@ -47,6 +49,13 @@ ACCURACY_CONVENTION = ("per question: a fresh greedy answer generated with the i
                        "circuitdiff.grade (an answer cut at the token cap without a \\boxed{} answer is wrong)")
 GROWTH_CONVENTION = "top-grown: largest absolute growth mean|W_tuned| - mean|W_base| (mean over samples), real edges only"
 SELECTORS = ("top", "top-grown")
+CONTROLS = {
+    "matched": "each draw gives every targeted edge a partner: a real, non-targeted edge whose destination lies in the "
+               "same layer band (bands equal slices of the decoder layers + logits) and whose mean |W| (the intervened "
+               "model's) is among the `caliper` closest to the targeted edge's in |log mean|W||, drawn uniformly; no "
+               "edge twice in one draw; a band with no untargeted edge left lends from the nearest band",
+    "uniform": "each draw: k real edges, uniform without replacement, targeted edges excluded",
+}
 TIMINGS = ("seconds_loss", "seconds_generate")  # kept in memory and in the run's manifest, not in the result file
 
 
@@ -79,6 +88,65 @@ def random_draws(edges: list[Edge], exclude: Sequence[Edge], k: int, n_draws: in
         raise UserError(f"k={k} random control edges requested but only {len(pool)} real edges are not targeted")
     rng = np.random.default_rng(seed)
     return [[pool[i] for i in np.sort(rng.choice(len(pool), size=k, replace=False))] for _ in range(n_draws)]
+
+
+def layer_band(edge: Edge, n_layers: int, bands: int) -> int:
+    """The band (0 .. bands-1) of the decoder layer that reads edge's destination (logits: the last layer + 1)."""
+    return min(bands - 1, dst_layer(edge.dst, n_layers) * bands // (n_layers + 1))
+
+
+def matched_draws(targeted: Sequence[Edge], edges: list[Edge], values: np.ndarray, n_layers: int, n_draws: int,
+                  seed: int = 0, bands: int = 4, caliper: int = 10) -> list[list[Edge]]:
+    """n_draws control sets matched to `targeted` edge by edge (CONTROLS["matched"]); values: mean |W| per edge of
+    `edges` (edge_values). When a band has no untargeted edge left, the nearest band that has one is used
+    (`match_quality` counts how often); no partner anywhere is a UserError."""
+    if bands < 1 or caliper < 1:
+        raise UserError(f"bands={bands} and caliper={caliper} must be >= 1")
+    value = dict(zip(edges, np.asarray(values, dtype=np.float64)))
+    floor = 1e-12 * max(max(value.values(), default=0.0), 1e-30)  # log of a zero score
+    logv = {e: np.log(max(v, floor)) for e, v in value.items()}
+    excluded = set(targeted)
+    by_band: dict[int, list[Edge]] = {}
+    for e in edges:
+        if e not in excluded:
+            by_band.setdefault(layer_band(e, n_layers, bands), []).append(e)
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(n_draws):
+        used: set[Edge] = set()
+        draw = []
+        for t in targeted:
+            home = layer_band(t, n_layers, bands)
+            candidates = []
+            for band in sorted(range(bands), key=lambda b: (abs(b - home), b)):
+                candidates = [e for e in by_band.get(band, []) if e not in used]
+                if candidates:
+                    break
+            if not candidates:
+                raise UserError(f"no untargeted edge left to pair with {t.name} for the matched control; "
+                                "use fewer edges (--k) or control: uniform")
+            distance = np.abs(np.array([logv[e] for e in candidates]) - logv[t])
+            nearest = np.argsort(distance, kind="stable")[:caliper]
+            pick = candidates[int(nearest[rng.integers(len(nearest))])]
+            used.add(pick)
+            draw.append(pick)
+        draws.append(draw)
+    return draws
+
+
+def match_quality(targeted: Sequence[Edge], draws: list[list[Edge]], edges: list[Edge], values: np.ndarray,
+                  n_layers: int, bands: int) -> dict:
+    """How close the matched draws are: the largest |log(mean|W| partner / mean|W| target)|, the median ratio,
+    and how many partners came from another band than their target's."""
+    value = dict(zip(edges, np.asarray(values, dtype=np.float64)))
+    pairs = [(t, p) for draw in draws for t, p in zip(targeted, draw)]
+    ratios = [value[p] / value[t] for t, p in pairs if value[t] > 0 and value[p] > 0]
+    other = sum(layer_band(t, n_layers, bands) != layer_band(p, n_layers, bands) for t, p in pairs)
+    out = {"pairs": len(pairs), "pairs_from_another_band": int(other)}
+    if ratios:
+        logs = np.abs(np.log(ratios))
+        out.update({"max_abs_log_ratio": float(logs.max()), "median_ratio": float(np.median(ratios))})
+    return out
 
 
 def targeted_edges(selector: str, k: int, role: str, attrs: dict, graph: Graph) -> tuple[list[Edge], str]:
@@ -155,8 +223,8 @@ class Intervention:
                 "intervention": INTERVENTION_CONVENTION,
                 "loss": loss_convention(self.meta.get("objective", "nll")),
                 "accuracy": ACCURACY_CONVENTION,
-                "random_control": "each draw: k real edges, uniform without replacement, targeted edges excluded; "
-                                  "random effect = per question mean over draws, then mean over questions",
+                "random_control": self.meta.get("control", CONTROLS["uniform"]) + "; random effect = per question "
+                                  "mean over draws, then mean over questions",
                 "ci": "95% percentile interval of a paired bootstrap over questions (same resample for every "
                       "condition); excludes the variability of the random draws (listed in random_draw_effects)",
                 "growth": GROWTH_CONVENTION,

@@ -21,6 +21,12 @@ def register(subparsers) -> None:
     p.add_argument("--k", type=int, default=10, help="number of edges for top/top-grown (default 10)")
     p.add_argument("--factor", type=float, default=0.0, help="scale factor c (0 = remove, 1 = unchanged; default 0)")
     p.add_argument("--n-random", type=int, default=5, help="random control draws of k edges (default 5)")
+    p.add_argument("--control", choices=["matched", "uniform"], default="matched",
+                   help="random edges matched to the targeted ones by destination layer band and mean |W| of the role "
+                        "(default), or uniform over the real edges")
+    p.add_argument("--bands", type=int, default=4, help="matched control: layer bands (default 4)")
+    p.add_argument("--caliper", type=int, default=10,
+                   help="matched control: draw each partner among the N same-band edges closest in log mean |W| (default 10)")
     p.add_argument("--n-questions", type=int, default=40, help="first N questions of the role's generations (default 40)")
     p.add_argument("--max-new-tokens", type=int, help="answer cap for accuracy (default: the run's max_new_tokens)")
     p.add_argument("--no-accuracy", action="store_true", help="measure the loss only (no generation)")
@@ -44,7 +50,8 @@ def run(args) -> int:
         InterventionConfig, "intervene", role=args.role, edges=args.edges, objective=args.objective, method=args.method,
         ig_steps=args.ig_steps, ig_rule=args.ig_rule, k=args.k,
         factor=args.factor,
-        n_random=args.n_random, n_questions=args.n_questions, max_new_tokens=args.max_new_tokens,
+        n_random=args.n_random, control=args.control, bands=args.bands, caliper=args.caliper,
+        n_questions=args.n_questions, max_new_tokens=args.max_new_tokens,
         accuracy=not args.no_accuracy, seed=args.seed, gen_batch_size=args.gen_batch_size)
     out = layout.intervention_out(args.out, label(settings)) if args.out else None
     run_max = read_manifest(Path(args.run)).get("config", {}).get("max_new_tokens")

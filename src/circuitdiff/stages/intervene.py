@@ -15,7 +15,7 @@ from pathlib import Path
 
 from circuitdiff.config import InterventionConfig
 from circuitdiff.errors import UserError
-from circuitdiff.graph import Graph
+from circuitdiff.graph import Graph, all_edges
 from circuitdiff.intervene import SELECTORS, selector_roles, targeted_edges
 from circuitdiff.store import artifacts, layout
 from circuitdiff.store.keys import read_key, settings_key, up_to_date, write_key
@@ -56,6 +56,32 @@ def choose_targeted(run: Path, role: str, dataset: str, alpha: float, selector: 
     return edges, how, granularity
 
 
+def control_draws(run: Path, role: str, dataset: str, alpha: float, settings: InterventionConfig, targeted: list,
+                  graph: Graph) -> tuple[list, dict]:
+    """(the random control draws, what to record about them): matched to `targeted` by layer band and the role's
+    mean |W| (its W file of the settings' objective and method), or uniform."""
+    from circuitdiff.intervene import CONTROLS, edge_values, match_quality, matched_draws, random_draws
+
+    if settings.control == "uniform":
+        draws = random_draws(all_edges(graph), targeted, len(targeted), settings.n_random, settings.seed)
+        return draws, {"control": CONTROLS["uniform"]}
+    path = layout.attribution(run, role, dataset, alpha, objective=settings.objective,
+                              method=settings.label(settings.method))
+    if not path.exists():
+        raise UserError(f"the matched control ranks edges by the {role} model's W, and {path} does not exist; "
+                        "run the attribution stage first, or use control: uniform (--control uniform)")
+    attr = artifacts.Attribution.load(path)
+    if attr.src_names != graph.src_names or attr.dst_names != graph.dst_names:
+        raise UserError(f"{path}: its nodes do not match the {role} model at granularity {graph.granularity}; "
+                        "re-run attribution or use --control uniform")
+    edges, values = edge_values(attr.scores, graph)
+    draws = matched_draws(targeted, edges, values, graph.n_layers, settings.n_random, settings.seed,
+                          settings.bands, settings.caliper)
+    quality = match_quality(targeted, draws, edges, values, graph.n_layers, settings.bands)
+    return draws, {"control": CONTROLS["matched"] + f" (bands={settings.bands}, caliper={settings.caliper})",
+                   "control_match": quality}
+
+
 def truncated_rule(run: Path) -> str:
     """The run's grading rule for answers cut at the cap (the intervention grades its answers the same way)."""
     return artifacts.read_manifest(run).get("config", {}).get("grading", {}).get("truncated", "strict")
@@ -75,7 +101,8 @@ def inputs(run: Path, dataset: str, alpha: float, settings: InterventionConfig, 
         "selection": read_key(layout.selection(run, dataset, alpha)),
         "attribution": {r: read_key(layout.attribution(run, r, dataset, alpha, objective=settings.objective,
                                                        method=settings.label(settings.method)))
-                        for r in selector_roles(settings.edges, role)},
+                        for r in sorted(set(selector_roles(settings.edges, role))
+                                        | ({role} if settings.control == "matched" else set()))},
     }  # fmt: skip
 
 
@@ -129,12 +156,13 @@ def _measure(run, role, dataset, alpha, settings, spec, dtype, device, max_new_t
     targeted, how, granularity = choose_targeted(run, role, dataset, alpha, settings.edges, settings.k,
                                                  lambda g: ModelNodes(hf, g).graph, settings.objective,
                                                  settings.label(settings.method))
+    random, control = control_draws(run, role, dataset, alpha, settings, targeted, ModelNodes(hf, granularity).graph)
     # pair the loss and the accuracy on the same questions: keep only questions with a loss sample
     with_loss = {s["idx"] for s in samples}
     questions = [q for q in questions if q["idx"] in with_loss] if settings.accuracy else []
     result = intervene(
         hf, targeted, factor=settings.factor, granularity=granularity, loss_samples=samples,
-        questions=questions or None, random=settings.n_random, seed=settings.seed,
+        questions=questions or None, random=random, seed=settings.seed,
         eos_ids=eos_token_ids(hf, tok) if settings.accuracy else None, pad_id=getattr(tok, "pad_token_id", None),
         decode=(lambda ids: tok.decode(ids, skip_special_tokens=True)) if settings.accuracy else None,
         max_new_tokens=max_new_tokens, gen_batch_size=settings.gen_batch_size,
@@ -143,7 +171,7 @@ def _measure(run, role, dataset, alpha, settings, spec, dtype, device, max_new_t
     )
     result.meta.update({"role": role, "dataset": dataset, "alpha": alpha, "model": spec,
                         "edges_selector": settings.edges, "edges_chosen": how,
-                        "edges_scored_by": settings.label(settings.method), "k": len(targeted),
+                        "edges_scored_by": settings.label(settings.method), "k": len(targeted), **control,
                         "question_idx": [s["idx"] for s in samples]})
     return result
 

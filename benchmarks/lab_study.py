@@ -1,0 +1,98 @@
+"""The controlled study: GRPO (t=0.6, t=1.0) against SFT, DPO and two null fine-tunes, from one base.
+
+    python benchmarks/lab_study.py --out runs/study [--steps 30] [--save-every 10] [--n-boot 2000]
+
+Every run starts from SmolLM2-135M-Instruct, trains on the same 180 `arith` train problems with the
+same LoRA (r 8 on every projection), learning rate (3e-4, constant), seed (0), step count and
+question budget (4 questions per step: GRPO 4 x 4 samples, the others batch 4), cap (64 new
+tokens) and prompt:
+  grpo-t0.6, grpo-t1.0    GRPO with the DAPO loss and dynamic sampling, temperature 0.6 / 1.0
+  grpo-shuffled           grpo-t0.6 with the rewards permuted within each step (null control)
+  sft                     SFT on the gold worked solutions
+  dpo                     DPO on pairs from the base's own samples (4 per question at T 0.6)
+  self-distill            SFT on the base's own greedy, finished, correct answers (null control)
+Then `circuitdiff track` evaluates every checkpoint on the 183 `arith` test problems: accuracy, and
+the metric differences on ONE fixed question set (chosen from the start and every checkpoint of
+every run), objectives nll and logit, scales raw and unit. Each command resumes, so a killed study
+reruns from where it stopped. Writes OUT/times.json, OUT/track/track.csv|png, and the study table
+docs/results/lab_study.csv (--csv) with the columns the docs describe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RECIPE = ["--dataset", "arith", "--lr", "3e-4", "--max-completion-length", "64", "--seed", "0"]
+RUNS = {
+    "grpo-t0.6": ["grpo", "--temperature", "0.6", "--questions-per-step", "4", "--num-generations", "4"],
+    "grpo-t1.0": ["grpo", "--temperature", "1.0", "--questions-per-step", "4", "--num-generations", "4"],
+    "grpo-shuffled": ["grpo", "--temperature", "0.6", "--questions-per-step", "4", "--num-generations", "4",
+                      "--shuffle-rewards"],
+    "sft": ["sft", "--batch-size", "4"],
+    "dpo": ["dpo", "--batch-size", "4", "--temperature", "0.6", "--dpo-samples", "4"],
+    "self-distill": ["self-distill", "--batch-size", "4"],
+}
+STUDY_COLUMNS = ["method", "temperature", "shuffle_rewards", "step", "accuracy", "acc_ci_low", "acc_ci_high",
+                 "n_questions", "metric", "scale", "objective", "diff", "ci_low", "ci_high", "p_perm", "base", "tuned",
+                 "n_samples", "n_set", "n_set_correct", "question_set", "range", "entries", "bins", "alpha"]
+
+
+def timed(cmd: list[str], times: dict, name: str, out: Path) -> None:
+    start = time.time()
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    times[name] = round(time.time() - start, 1)
+    (out / "times.json").write_text(json.dumps(times, indent=2))
+
+
+def study_rows(track_csv: Path) -> list[dict]:
+    with open(track_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [{"method": r["run"], "temperature": r["temperature"], "shuffle_rewards": r["shuffle_rewards"],
+             "step": r["step"], "accuracy": r["accuracy"], "acc_ci_low": r["acc_ci_low"],
+             "acc_ci_high": r["acc_ci_high"], "n_questions": r["total"], "metric": r["metric"], "scale": r["scale"],
+             "objective": r["objective"], "diff": r["diff"], "ci_low": r["diff_ci_low"], "ci_high": r["diff_ci_high"],
+             "p_perm": r["p_perm"], "base": r["base"], "tuned": r["tuned"], "n_samples": r["n_samples"],
+             "n_set": r["n_set"], "n_set_correct": r["n_set_correct"], "question_set": r["question_set"],
+             "range": r["range"], "entries": r["entries"], "bins": r["bins"], "alpha": r["alpha"]} for r in rows]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--save-every", type=int, default=10)
+    p.add_argument("--n-boot", type=int, default=2000)
+    p.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    p.add_argument("--csv", default="docs/results/lab_study.csv")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    times_path = out / "times.json"
+    times = json.loads(times_path.read_text()) if times_path.exists() else {}
+    exe = [sys.executable, "-m", "circuitdiff"]
+    for name in args.runs:
+        cmd = exe + ["train", *RUNS[name], *RECIPE, "--steps", str(args.steps), "--save-every", str(args.save_every),
+                     "--out", str(out / name)]
+        timed(cmd, times, f"train {name}", out)
+    track = exe + ["track", *[str(out / name) for name in args.runs], "--dataset", "arith", "--n-boot",
+                   str(args.n_boot), "--out", str(out / "track")]
+    timed(track, times, "track", out)
+    rows = study_rows(out / "track" / "track.csv")
+    target = Path(args.csv)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target, "w", newline="") as f:
+        writer = csv.DictWriter(f, STUDY_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {target} ({len(rows)} rows); times (s): {json.dumps(times)}")
+
+
+if __name__ == "__main__":
+    main()
