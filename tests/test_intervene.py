@@ -152,7 +152,8 @@ def test_bad_input_is_a_user_error():
         random_draws(edges, edges[:3], len(edges) - 2, 1)
 
 
-def test_top_and_top_grown_from_run_files(tmp_path):
+def _grown_run(tmp_path):
+    """A tiny run dir whose tuned W file is the base's with attn.0 -> mlp.1 grown by 100 (model, run, base W, graph)."""
     from circuitdiff.store import layout
 
     model, run, rows = _tiny_run(tmp_path)
@@ -161,10 +162,14 @@ def test_top_and_top_grown_from_run_files(tmp_path):
     tuned = attribute(model, samples)
     tuned.scores = tuned.scores.copy()
     g = EdgeEditor(model, "block").graph
-    d, u = g.dst_index["mlp.1"], g.src_index["attn.0"]
-    tuned.scores[:, d, u] += 100.0  # this edge grows most
+    tuned.scores[:, g.dst_index["mlp.1"], g.src_index["attn.0"]] += 100.0  # this edge grows most
     base.save(layout.attribution(run, "base", "gsm8k", 0.1))
     tuned.save(layout.attribution(run, "tuned", "gsm8k", 0.1))
+    return model, run, base, g
+
+
+def test_top_and_top_grown_from_run_files(tmp_path):
+    model, run, base, g = _grown_run(tmp_path)
     graph_of = lambda gran: EdgeEditor(model, gran).graph  # noqa: E731
     grown, how, gran = choose_targeted(run, "tuned", "gsm8k", 0.1, "top-grown", 1, graph_of)
     assert grown == [Edge("attn.0", "mlp.1")] and "mean|W_tuned| - mean|W_base|" in how and gran == "block"
@@ -273,15 +278,7 @@ def test_amplify_grown_edges_in_the_base_with_matched_control(tmp_path, capsys):
     the control is matched on the base's W and recorded; --control uniform gives random_draws' sets."""
     from circuitdiff.store import layout
 
-    model, run, rows = _tiny_run(tmp_path)
-    samples = [{"prompt_ids": r["prompt_ids"], "answer_ids": r["answer_ids"], "cut_len": 2} for r in rows[:3]]
-    base = attribute(model, samples)
-    tuned = attribute(model, samples)
-    tuned.scores = tuned.scores.copy()
-    g = EdgeEditor(model, "block").graph
-    tuned.scores[:, g.dst_index["mlp.1"], g.src_index["attn.0"]] += 100.0
-    base.save(layout.attribution(run, "base", "gsm8k", 0.1))
-    tuned.save(layout.attribution(run, "tuned", "gsm8k", 0.1))
+    model, run, base, g = _grown_run(tmp_path)
     common = ["intervene", "--run", str(run), "--dataset", "gsm8k", "--alpha", "0.1", "--role", "base", "--edges",
               "top-grown", "--k", "1", "--factor", "2", "--n-random", "3", "--no-accuracy"]
     assert main(common) == 0
