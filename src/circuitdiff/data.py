@@ -264,6 +264,18 @@ def _hub_rows(spec: DatasetSpec, source: str, split: str) -> list[dict]:
     return rows
 
 
+WORKED_SOLUTIONS = {"gsm8k": ("question", "answer"), "math": ("problem", "solution")}  # offline: question, solution
+
+
+def worked_solutions(name: str, split: str = "train") -> list[str]:
+    """Offline text: each row's question and worked solution ("question\\nsolution"), file order (gsm8k, math)."""
+    if name not in WORKED_SOLUTIONS:
+        raise UserError(f"no worked solutions for {name!r} offline; use one of {', '.join(WORKED_SOLUTIONS)}")
+    question, solution = WORKED_SOLUTIONS[name]
+    rows = _read_rows(_offline_file(DATASETS[name], split), split)
+    return [f"{row[question]}\n{row[solution]}" for row in rows if row.get(question) and row.get(solution)]
+
+
 def dataset_spec(name: str) -> DatasetSpec:
     name = ALIASES.get(name, name)
     if name not in DATASETS:

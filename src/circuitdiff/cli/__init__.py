@@ -13,7 +13,7 @@ import sys
 
 from circuitdiff.errors import UserError
 
-COMMANDS = ("attribute", "run", "report", "validate", "intervene", "train", "track", "demo")
+COMMANDS = ("attribute", "run", "report", "validate", "intervene", "train", "track", "features", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -82,6 +82,22 @@ def tokenizer_for(spec: str, trust_remote_code: bool = False):
         raise UserError(f"could not load the tokenizer of {spec!r} ({first}); check the id or path") from None
 
 
+def config_for(spec: str, trust_remote_code: bool = False):
+    """The model config of a spec, without its weights (a LoRA adapter: its base's)."""
+    from transformers import AutoConfig
+
+    local, repo, revision = _local_or_hub(spec)
+    if local is not None and not (local / "config.json").exists() and (local / "adapter_config.json").exists():
+        return config_for(json.loads((local / "adapter_config.json").read_text())["base_model_name_or_path"])
+    try:
+        if local is not None:
+            return AutoConfig.from_pretrained(str(local), trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(repo, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"could not load the config of {spec!r} ({first}); check the id or path") from None
+
+
 def tokenizer_difference(a, b) -> str | None:
     """Why two tokenizers would not give the same ids, or None: the vocabulary, then a probe text."""
     if len(a) != len(b):

@@ -19,6 +19,7 @@ from circuitdiff.report.html import Figure, Section, Table
 from circuitdiff.choices import SCALES
 from circuitdiff.report.pairs import RunIndex, scoring_order
 from circuitdiff.report.validation import validation_section
+from circuitdiff.report.features import features_section
 
 
 @dataclass
@@ -248,6 +249,7 @@ SECTION_BUILDERS: list[Callable[[ReportContext], list[Section]]] = [
     node_entropy_section,
     samples_section,
     validation_section,
+    features_section,
     manifest_section,
     skipped_section,
 ]

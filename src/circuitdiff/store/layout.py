@@ -10,7 +10,11 @@
       validation/{scoring}/{role}/{dataset}/alpha={a}.json|.png  W vs exact ablation
       intervention/{scoring}/{role}/{dataset}/alpha={a}/{label}.json   edge interventions
       report/                                          metrics.csv, table.md, figures, report.html
-      features/                                        (reserved: feature-level diffing)
+      features/layer={L}/                              `circuitdiff features` (feature-level diffing; or its --out):
+        tokens.npz, acts/{model}/shard-{i}.npy + meta.json   the token plan; float16 residuals [tokens, d_model]
+        crosscoder/{main|null}.pt                      weights + training state (a rerun resumes)
+        latents.csv, latents_null.csv, summary.json, attribution.csv (+ .npz), interventions.csv, contexts.json,
+        features.html, fig_relative_norm.png, timings.json
       shards/{stage}/                                  (reserved: work split over workers)
 
     Every single-shot artifact X (selection, attribution, validation, intervention) has a key
@@ -180,6 +184,52 @@ def validation_out(folder: Path) -> tuple[Path, Path]:
 
 def features_dir(run: Path) -> Path:
     return Path(run) / "features"
+
+
+def features_layer(run: Path, layer: int) -> Path:
+    """RUN/features/layer={L}: everything `circuitdiff features` writes for one layer."""
+    return features_dir(run) / f"layer={int(layer)}"
+
+
+FEATURES_FILES = {
+    "tokens": "tokens.npz", "latents": "latents.csv", "summary": "summary.json", "attribution": "attribution.csv",
+    "interventions": "interventions.csv", "contexts": "contexts.json", "html": "features.html",
+    "timings": "timings.json", "histogram": "fig_relative_norm.png", "latents_null": "latents_null.csv",
+    "attribution_scores": "attribution.npz", "intervention_parts": "interventions.parts.json",
+}  # fmt: skip
+
+
+def features_file(folder: Path, kind: str) -> Path:
+    """A file of a features folder (RUN/features/layer={L} or --out): kind in FEATURES_FILES."""
+    return Path(folder) / FEATURES_FILES[kind]
+
+
+def features_acts(folder: Path, model: str) -> Path:
+    """The activation shards of one model (label) in a features folder."""
+    return Path(folder) / "acts" / model
+
+
+def features_shard(folder: Path, model: str, index: int) -> Path:
+    return features_acts(folder, model) / f"shard-{index:05d}.npy"
+
+
+def features_acts_meta(folder: Path, model: str) -> Path:
+    return features_acts(folder, model) / "meta.json"
+
+
+def features_checkpoint(folder: Path, name: str) -> Path:
+    """The crosscoder `name` ("main" or "null"): weights and training state."""
+    return Path(folder) / "crosscoder" / f"{name}.pt"
+
+
+def find_feature_layers(run: Path) -> list[tuple[int, Path]]:
+    """(layer, folder) of every features folder of a run that holds a summary, by layer."""
+    found = []
+    for path in features_dir(run).glob("layer=*"):
+        tag = path.name.split("=", 1)[1]
+        if tag.isdigit() and features_file(path, "summary").exists():
+            found.append((int(tag), path))
+    return sorted(found)
 
 
 def shards_dir(run: Path, stage: str) -> Path:
