@@ -130,18 +130,33 @@ class TrainResult:
     resumed_at: int = 0
 
 
-def aux_loss(cc: Crosscoder, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+def aux_loss(cc: Crosscoder, x: torch.Tensor, x_hat: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
     """AuxK: the dead latents' top-k_aux pre-activations reconstruct the (detached) error; ||e - e_hat||^2 / ||e||^2."""
     n_dead = int(dead.sum())
     if n_dead == 0:
         return x.new_zeros(())
-    err = (x - x_hat).detach().reshape(x.shape[0], -1)
+    B = x.shape[0]
+    err = (x - x_hat).detach().reshape(B, -1)
     k_aux = min(cc.d_model // 2, n_dead)
-    dead_pre = pre[:, dead]
+    dead_pre = torch.relu(x.reshape(B, -1) @ cc.W_enc.reshape(-1, cc.n_latents)[:, dead] + cc.b_enc[dead])
     top = torch.topk(dead_pre, k_aux, dim=-1)
     f_aux = torch.zeros_like(dead_pre).scatter(-1, top.indices, top.values)
     e_hat = f_aux @ cc.W_dec[dead].reshape(n_dead, -1)
     return ((err - e_hat) ** 2).sum() / (err**2).sum().clamp_min(1e-12)
+
+
+def training_forward(cc: Crosscoder, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_hat [B, m, d] with gradient, latents that fired [n], their kept scores [n]) of one BatchTopK step.
+
+    Dense: on a CPU the gathered (sparse) form of the k*B kept pairs measured 3.7x slower than the dense
+    matmuls (d_model 576, 4608 latents, B 1024, k 32), its backward being a scatter."""
+    acts = cc.pre(x)
+    with torch.no_grad():
+        scores = cc.scores(acts)
+    f = batch_topk(acts, scores, k)
+    with torch.no_grad():
+        on = f > 0
+    return cc.decode(f), on.any(0).nonzero()[:, 0], scores[on]
 
 
 def init_from(cc: Crosscoder, first: list[torch.Tensor]) -> None:
@@ -197,6 +212,8 @@ class Trainer:
         self.cc, self.total, self.k, self.lr, self.batch_size = cc.to(device).train(), total_steps, k, lr, batch_size
         self.aux_coef, self.dead_tokens, self.checkpoint, self.key = aux_coef, dead_tokens, Path(checkpoint), key
         self.checkpoint_every, self.log, self.progress = checkpoint_every, log, progress
+        if str(device).startswith("cuda"):
+            torch.backends.cuda.matmul.allow_tf32 = True  # TF32 products, float32 accumulation
         self.opt = torch.optim.Adam(cc.parameters(), lr=lr, betas=(0.9, 0.999))
         self.since_fired = torch.zeros(cc.n_latents, dtype=torch.long, device=device)
         self.result, self.step, self.losses = TrainResult(0, 0, float("nan")), 0, []
@@ -240,12 +257,10 @@ class Trainer:
             idx = perm[offset * self.batch_size : (offset + 1) * self.batch_size]
             x = cc.normalise([t[idx] for t in data])
             k_now = k_at(self.step, self.total, self.k, cc.n_latents)
-            acts = cc.pre(x)
-            f = batch_topk(acts, cc.scores(acts), k_now)
-            x_hat = cc.decode(f)
+            x_hat, fired, kept = training_forward(cc, x, k_now)
             loss = ((x - x_hat) ** 2).sum((1, 2)).mean()
             dead = self.since_fired >= self.dead_tokens
-            aux = aux_loss(cc, x, x_hat, acts, dead) if self.aux_coef > 0 else x.new_zeros(())
+            aux = aux_loss(cc, x, x_hat, dead) if self.aux_coef > 0 else x.new_zeros(())
             for group in self.opt.param_groups:
                 group["lr"] = lr_at(self.step, self.total, self.lr)
             self.opt.zero_grad(set_to_none=True)
@@ -253,8 +268,7 @@ class Trainer:
             self.opt.step()
             with torch.no_grad():
                 self.since_fired += x.shape[0]
-                self.since_fired[(f > 0).any(0)] = 0
-                kept = cc.scores(acts)[f > 0]
+                self.since_fired[fired] = 0
                 if kept.numel():
                     smallest = float(kept.min())
                     theta = float(cc.theta)

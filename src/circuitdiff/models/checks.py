@@ -68,18 +68,22 @@ def check_spec(spec: str, trust_remote_code: bool = False) -> None:
                         "pass a local directory") from None
 
 
+def _pretrained(auto, what: str, spec: str, local, repo, revision, trust_remote_code: bool):
+    """auto.from_pretrained on a local dir or a hub id; a failure is one line naming `what` and the spec."""
+    try:
+        if local is not None:
+            return auto.from_pretrained(str(local), trust_remote_code=trust_remote_code)
+        return auto.from_pretrained(repo, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"could not load the {what} of {spec!r} ({first}); check the id or path") from None
+
+
 def tokenizer_for(spec: str, trust_remote_code: bool = False):
     """The tokenizer of a spec, without its weights (a LoRA adapter without one uses its base's)."""
     from transformers import AutoTokenizer
 
-    local, repo, revision = _local_or_hub(spec)
-    try:
-        if local is not None:
-            return AutoTokenizer.from_pretrained(str(local), trust_remote_code=trust_remote_code)
-        return AutoTokenizer.from_pretrained(repo, revision=revision, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UserError(f"could not load the tokenizer of {spec!r} ({first}); check the id or path") from None
+    return _pretrained(AutoTokenizer, "tokenizer", spec, *_local_or_hub(spec), trust_remote_code)
 
 
 def config_for(spec: str, trust_remote_code: bool = False):
@@ -89,13 +93,7 @@ def config_for(spec: str, trust_remote_code: bool = False):
     local, repo, revision = _local_or_hub(spec)
     if local is not None and not (local / "config.json").exists() and (local / "adapter_config.json").exists():
         return config_for(json.loads((local / "adapter_config.json").read_text())["base_model_name_or_path"])
-    try:
-        if local is not None:
-            return AutoConfig.from_pretrained(str(local), trust_remote_code=trust_remote_code)
-        return AutoConfig.from_pretrained(repo, revision=revision, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UserError(f"could not load the config of {spec!r} ({first}); check the id or path") from None
+    return _pretrained(AutoConfig, "config", spec, local, repo, revision, trust_remote_code)
 
 
 def tokenizer_difference(a, b) -> str | None:
