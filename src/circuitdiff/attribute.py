@@ -22,6 +22,7 @@ from circuitdiff.engine import EdgeAttributor, input_device, make_batch, pad_id_
 from circuitdiff.errors import UserError
 from circuitdiff.graph import GRANULARITIES
 from circuitdiff.models import LoadedModel, resolve_model
+from circuitdiff.parallel.plan import batches_by_length
 from circuitdiff.samples import as_samples, check_vocabulary
 from circuitdiff.store import layout
 from circuitdiff.store.artifacts import Attribution
@@ -63,10 +64,7 @@ def attribute(
     and reuse it on a rerun with the same model, samples and settings; a damaged batch file is
     discarded and recomputed (`log` says so).
     """
-    if granularity not in GRANULARITIES:
-        raise UserError(f"granularity {granularity!r} is unknown; use one of {', '.join(GRANULARITIES)}")
-    if batch_size < 1:
-        raise UserError(f"batch size {batch_size} must be >= 1")
+    check_settings(granularity, batch_size)
     samples = as_samples(samples)
     spec, model, hf_model = resolve_model(model, dtype, device)
 
@@ -74,9 +72,7 @@ def attribute(
     engine = EdgeAttributor(hf_model, granularity, gradient_checkpointing, objective, method, ig_steps, ig_rule)
     label = method_label(method, ig_steps, ig_rule)
     device_in, pad_id = input_device(hf_model), pad_id_of(hf_model)
-    # longest first: similar lengths share a batch, and a memory error shows up at once
-    order = sorted(range(len(samples)), key=lambda i: -(len(samples[i]["prompt_ids"]) + samples[i]["cut_len"]))
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = plan_batches(samples, batch_size)
     key = _parts_key(hf_model, spec, granularity, samples, batch_size, f"{objective}/{label}")
     work = Path(work_dir) if work_dir is not None else None
 
@@ -94,9 +90,29 @@ def attribute(
             if part is not None:
                 io.write_npz(part, scores=W, loss=loss)
         scores[rows], losses[rows] = W, loss
+    return Attribution(scores=scores, loss=losses, **frame(engine, model, spec, granularity, batch_size,
+                                                              gradient_checkpointing, objective, method, ig_steps, ig_rule))
 
+
+def check_settings(granularity: str, batch_size: int) -> None:
+    if granularity not in GRANULARITIES:
+        raise UserError(f"granularity {granularity!r} is unknown; use one of {', '.join(GRANULARITIES)}")
+    if batch_size < 1:
+        raise UserError(f"batch size {batch_size} must be >= 1")
+
+
+def plan_batches(samples: list[dict], batch_size: int) -> list[list[int]]:
+    """The batches of one process: longest first (similar lengths share a batch, and a memory error shows up at
+    once), ties in sample order. The parallel path (circuitdiff.parallel) shards exactly these batches."""
+    return batches_by_length([len(s["prompt_ids"]) + s["cut_len"] for s in samples], batch_size)
+
+
+def frame(engine: EdgeAttributor, model, spec, granularity: str, batch_size: int, gradient_checkpointing: bool,
+          objective: str, method: str, ig_steps: int, ig_rule: str) -> dict:
+    """Everything of a W file but the scores and losses: node names, the edge mask, the granularity and meta."""
+    hf_model = engine.model
     meta = {
-        "method": label,
+        "method": method_label(method, ig_steps, ig_rule),
         "method_definition": method_definition(method, ig_steps, ig_rule),
         "granularity": granularity,
         "objective": objective,
@@ -115,15 +131,28 @@ def attribute(
     }
     if isinstance(model, LoadedModel):
         meta["model_info"] = model.info
-    return Attribution(
-        scores=scores,
-        src_names=list(engine.graph.src_names),
-        dst_names=list(engine.graph.dst_names),
-        edge_mask=engine.graph.edge_mask.copy(),
-        granularity=granularity,
-        loss=losses,
-        meta=meta,
-    )
+    return {"src_names": list(engine.graph.src_names), "dst_names": list(engine.graph.dst_names),
+            "edge_mask": engine.graph.edge_mask.copy(), "granularity": granularity, "meta": meta}
+
+
+def score_batches(model: LoadedModel, payload: dict) -> dict:
+    """A worker's part (circuitdiff.parallel): the scores of the given batches, each computed as one process
+    computes it. payload: samples {index: sample}, batches [[index, ...], ...], settings (attribute's keywords).
+    Returns {"rows": sample indices, "scores": W [rows, n_dst, n_src], "loss": [rows], "frame": frame(...)}."""
+    settings, samples = payload["settings"], payload["samples"]
+    hf_model = model.model
+    numbers = sorted(samples)
+    check_vocabulary([samples[i] for i in numbers], hf_model.get_input_embeddings().weight.shape[0], numbers=numbers)
+    engine = EdgeAttributor(hf_model, settings["granularity"], settings["gradient_checkpointing"],
+                            settings["objective"], settings["method"], settings["ig_steps"], settings["ig_rule"])
+    device_in, pad_id = input_device(hf_model), pad_id_of(hf_model)
+    scores, losses = [], []
+    for rows in payload["batches"]:
+        W, loss = engine.scores(make_batch([samples[i] for i in rows], pad_id, device_in))
+        scores.append(W.numpy())
+        losses.append(loss.numpy())
+    return {"rows": [i for rows in payload["batches"] for i in rows], "scores": np.concatenate(scores),
+            "loss": np.concatenate(losses), "frame": frame(engine, model, model.spec, **settings)}
 
 
 def _read_part(path: Path, n_rows: int, log) -> tuple[np.ndarray, np.ndarray] | None:

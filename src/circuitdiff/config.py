@@ -148,6 +148,23 @@ class InterventionConfig(_Scored):
     loss_batch_size: int = Field(8, gt=0)
 
 
+class ParallelConfig(_Strict):
+    """Fan-out of generation and attribution over workers (circuitdiff.parallel; Ray, the `ray` extra)."""
+
+    engine: Literal["ray"] = "ray"
+    workers: int = Field(1, ge=1, description="1: everything in this process, no Ray")
+    address: str | None = Field(None, description="None: start a local Ray cluster; HOST:PORT, ray://HOST:PORT or "
+                                                   "auto: join a running one (`ray start --head`)")
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float | None = Field(None, ge=0, description="None: 1 when device is cuda/auto, else 0")
+    shards_per_worker: int = Field(4, ge=1, description="shards planned per worker (the dynamic queue balances them)")
+
+    def gpus(self, device: str) -> float:
+        if self.gpus_per_worker is not None:
+            return self.gpus_per_worker
+        return 1.0 if str(device).startswith("cuda") or device == "auto" else 0.0
+
+
 class RunConfig(_Scored):
     name: str = "run"
     out: str | None = Field(None, description="run directory (default: runs/<name>); --out overrides it")
@@ -179,6 +196,8 @@ class RunConfig(_Scored):
                                                                  "counts then mean different things)")
     validation: ValidationConfig | None = Field(None, description="run the validation stage after attribution")
     intervention: InterventionConfig | None = Field(None, description="run the intervention stage after validation")
+    parallel: ParallelConfig | None = Field(None, description="spread generation and attribution over workers "
+                                                              "(results unchanged; not part of any key)")
 
     @field_validator("objective", "method", mode="before")
     @classmethod

@@ -18,6 +18,7 @@ from __future__ import annotations
 import gc
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -80,12 +81,31 @@ class RunContext:
     progress: bool = True
     log: Callable[[str], None] = print
     models: ModelSlot = None
+    worker_pool: object = None  # an open circuitdiff.parallel Pool to use (the caller closes it), else opened here
+    timings: dict = field(default_factory=dict)  # stage -> wall-clock seconds of this invocation
     _problems: dict = field(default_factory=dict)
+    _own_pool: bool = False
 
     def __post_init__(self) -> None:
         self.run = Path(self.run)
         if self.models is None:
             self.models = ModelSlot(self.config, self._record_model)
+
+    def pool(self):
+        """The worker pool when the config asks for more than one worker (started on first use), else None."""
+        p = self.config.parallel
+        if self.worker_pool is None and p is not None and p.workers > 1:
+            from circuitdiff.parallel.pool import Pool
+
+            self.worker_pool = Pool.of(p, self.config.device, log=self.log).open()
+            self._own_pool = True
+        return self.worker_pool
+
+    def close_pool(self) -> None:
+        if self._own_pool and self.worker_pool is not None:
+            self.worker_pool.close()
+        if self._own_pool:
+            self.worker_pool, self._own_pool = None, False
 
     def problems(self, ds) -> list[Problem]:
         if ds.key not in self._problems:
@@ -210,7 +230,8 @@ def check_before_work(ctx: RunContext) -> None:
     from circuitdiff.models.checks import check_device, check_spec, tokenizer_difference, tokenizer_for
 
     cfg = ctx.config
-    if cfg.device != "auto":
+    remote = cfg.parallel is not None and cfg.parallel.workers > 1 and cfg.parallel.address
+    if cfg.device != "auto" and not remote:  # on a cluster the workers check their own device
         check_device(cfg.device)
     for role in layout.ROLES:
         check_spec(getattr(cfg, role).spec, getattr(cfg, role).trust_remote_code)
@@ -236,24 +257,44 @@ def run_stages(ctx: RunContext, until: str = "intervention") -> Path:
         stale.unlink(missing_ok=True)
     write_manifest(ctx)
     functions, last = stage_functions(), None
-    for name in STAGES[: STAGES.index(until) + 1]:
-        if getattr(ctx.config, name, "always") is None:  # an optional stage the config does not ask for
-            continue
-        functions[name](ctx)
-        last = name
+    try:
+        for name in STAGES[: STAGES.index(until) + 1]:
+            if getattr(ctx.config, name, "always") is None:  # an optional stage the config does not ask for
+                continue
+            started = time.perf_counter()
+            functions[name](ctx)
+            ctx.timings[name] = round(time.perf_counter() - started, 2)
+            last = name
+    finally:
+        ctx.close_pool()
+    _prune_shards(ctx.run)
     ctx.models.release()
+    ctx.update_manifest("timings", "stages", value=ctx.timings)  # wall-clock: in the manifest, never in a result
     ctx.update_manifest("finished_stage", value=last)
     return ctx.run
 
 
+def _prune_shards(run: Path) -> None:
+    """RUN/shards once every sharded job is merged (its folders hold no file any more)."""
+    if layout.shards_root(run).is_dir() and not layout.shard_files(run):
+        shutil.rmtree(layout.shards_root(run), ignore_errors=True)
+
+
 def run(config: RunConfig | str, run_dir: str | Path | None = None, until: str = "intervention",
-        progress: bool = True, log=print, **overrides) -> Path:
+        progress: bool = True, log=print, pool=None, timings: dict | None = None, **overrides) -> Path:
     """Run the pipeline for `config` (a RunConfig, a YAML path or a preset name) into `run_dir`.
 
-    overrides: config fields to replace (e.g. method=["eap", "eap-ig"], ig_steps=4), checked like the YAML."""
+    overrides: config fields to replace (e.g. method=["eap", "eap-ig"], ig_steps=4), checked like the YAML.
+    pool: an open circuitdiff.parallel Pool for the parallel stages (else the config's `parallel` opens one).
+    timings: a dict that receives each stage's wall-clock seconds."""
     if isinstance(config, str):
         config = load_config(config)
     if overrides:
         config = override(config, overrides)
     run_dir = Path(run_dir or config.out or Path("runs") / config.name)
-    return run_stages(RunContext(config, run_dir, progress=progress, log=log), until)
+    ctx = RunContext(config, run_dir, progress=progress, log=log, worker_pool=pool)
+    try:
+        return run_stages(ctx, until)
+    finally:
+        if timings is not None:
+            timings.update(ctx.timings)

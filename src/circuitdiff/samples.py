@@ -62,10 +62,11 @@ def as_samples(samples: str | Path | list[dict]) -> list[dict]:
     return checked
 
 
-def check_vocabulary(samples: list[dict], vocab_size: int, where: str = "sample") -> None:
-    """Every token id inside the model's vocabulary (else the embedding fails with an IndexError)."""
+def check_vocabulary(samples: list[dict], vocab_size: int, where: str = "sample", numbers=None) -> None:
+    """Every token id inside the model's vocabulary (else the embedding fails with an IndexError); `numbers`: each
+    sample's number in the message (default its position)."""
     for k, s in enumerate(samples):
         top = max(s["prompt_ids"] + list(s["answer_ids"][: s["cut_len"]]))
         if top >= vocab_size:
-            raise UserError(f"{where} {k}: token id {top} is outside the model's vocabulary ({vocab_size} ids); "
+            raise UserError(f"{where} {k if numbers is None else numbers[k]}: token id {top} is outside the model's vocabulary ({vocab_size} ids); "
                             "the samples were made with another tokenizer")

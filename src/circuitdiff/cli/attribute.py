@@ -19,6 +19,7 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute each layer in backward (less memory)")
     p.add_argument("--out", required=True, help="output W.npz")
+    options.add_parallel(p)
     p.set_defaults(func=run)
 
 
@@ -30,13 +31,24 @@ def run(args) -> int:
 
     from circuitdiff.attribute import attribute, loss_convention
 
-    options.check_early(args, out="file")
+    parallel = options.parallel_from(args)
+    if parallel is None or not parallel.address:
+        options.check_early(args, out="file")
+    else:  # the device is the workers' (they check it), the output is here
+        options.writable_file(args.out)
     out = Path(args.out)
     work = out.with_name(out.name + ".parts")
-    result = attribute(args.model, args.samples, granularity=args.granularity, batch_size=args.batch_size,
-                       dtype=args.dtype, device=args.device, gradient_checkpointing=args.gradient_checkpointing,
-                       objective=args.objective, method=args.method, ig_steps=args.ig_steps, ig_rule=args.ig_rule,
-                       work_dir=work, progress=True)
+    common = dict(granularity=args.granularity, batch_size=args.batch_size, dtype=args.dtype, device=args.device,
+                  gradient_checkpointing=args.gradient_checkpointing, objective=args.objective, method=args.method,
+                  ig_steps=args.ig_steps, ig_rule=args.ig_rule, work_dir=work)
+    if parallel.workers > 1:
+        from circuitdiff.parallel.attribution import attribute_sharded
+        from circuitdiff.parallel.pool import Pool
+
+        with Pool.of(parallel, args.device) as pool:
+            result = attribute_sharded(pool, args.model, args.samples, **common)
+    else:
+        result = attribute(args.model, args.samples, progress=True, **common)
     result.save(out)
     shutil.rmtree(work, ignore_errors=True)
     n, n_dst, n_src = result.scores.shape

@@ -54,6 +54,33 @@ def add_run_target(p, run_required: bool = False, role_default: str = "tuned") -
     p.add_argument("--alpha", type=float, required=run_required, help="the alpha of the selection (and its T_cut)")
 
 
+def add_parallel(p, workers_default: int | None = 1) -> None:
+    """--workers, --ray-address, --cpus-per-worker, --gpus-per-worker: the fan-out over Ray workers."""
+    default = f"default {workers_default}" if workers_default else "default: the config's parallel.workers, else 1"
+    p.add_argument("--workers", type=int, default=workers_default,
+                   help=f"spread the work over N Ray workers, each loading the model once ({default}; 1: this process, "
+                        'no Ray). Needs the ray extra: pip install "circuitdiff[ray]"')
+    p.add_argument("--ray-address", help="join the running Ray cluster at HOST:PORT (`ray start --head` there; "
+                                         "docs/parallel.md); default: start a local cluster for the workers")
+    p.add_argument("--cpus-per-worker", type=float, help="CPUs each worker holds (its torch threads; default 1)")
+    p.add_argument("--gpus-per-worker", type=float, help="GPUs each worker holds (default 1 on cuda/auto, else 0)")
+
+
+def parallel_from(args, config=None):
+    """The ParallelConfig of the command line over the config's own `parallel` (None: one process)."""
+    from circuitdiff.config import ParallelConfig
+
+    given = {"workers": args.workers, "address": args.ray_address, "cpus_per_worker": args.cpus_per_worker,
+             "gpus_per_worker": args.gpus_per_worker}
+    values = {**(config.model_dump() if config is not None else {}), **{k: v for k, v in given.items() if v is not None}}
+    if not values:
+        return None
+    settings = settings_from(ParallelConfig, "parallel", **values)
+    if settings.address and settings.workers < 2:
+        raise UserError("--ray-address joins a cluster for the workers: give --workers N (N >= 2) too")
+    return settings
+
+
 def writable_file(path: str) -> str:
     """--out FILE checked before any work: not a directory, and its folder can be created and written."""
     from pathlib import Path

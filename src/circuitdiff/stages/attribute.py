@@ -76,10 +76,19 @@ def attribute_one(ctx, role: str, text: str, ds, alpha: float, objective: str = 
     sel = artifacts.read_selection(ctx.run, ds.key, alpha)
     parts = layout.attribution_parts(ctx.run, role, ds.key, alpha, text, objective, label)
     ctx.log(f"{name}: {len(samples)} samples, T_cut={where['T_cut']}, granularity={cfg.granularity}")
-    result = attribute(ctx.models.get(role), samples, granularity=cfg.granularity, batch_size=cfg.attr_batch_size,
-                       gradient_checkpointing=cfg.gradient_checkpointing, objective=objective, method=method,
-                       ig_steps=cfg.ig_steps, ig_rule=cfg.ig_rule, work_dir=parts,
-                       progress=ctx.progress, log=ctx.log)
+    common = dict(granularity=cfg.granularity, batch_size=cfg.attr_batch_size, objective=objective, method=method,
+                  gradient_checkpointing=cfg.gradient_checkpointing, ig_steps=cfg.ig_steps, ig_rule=cfg.ig_rule)
+    pool = ctx.pool()
+    if pool is None:
+        result = attribute(ctx.models.get(role), samples, work_dir=parts, progress=ctx.progress, log=ctx.log, **common)
+    else:
+        from circuitdiff.parallel.attribution import attribute_sharded
+
+        parts = layout.attribution_shards(ctx.run, role, ds.key, alpha, text, objective, label)
+        model_cfg = getattr(cfg, role)
+        result = attribute_sharded(pool, model_cfg.spec, samples, work_dir=parts, dtype=cfg.dtype, device=cfg.device,
+                                   attn_implementation=cfg.attn_implementation,
+                                   trust_remote_code=model_cfg.trust_remote_code, name=name, log=ctx.log, **common)
     result.meta.update({"role": role, "text": text, "dataset": ds.key, "alpha": alpha, "idx": where["idx"],
                         "T_cut": where["T_cut"], "T_bar": sel["T_bar"], "selection": sel["settings"]})
     result.save(out)
@@ -104,6 +113,8 @@ def _check_same_tokens(ctx, role: str, text: str, ds, idx: list) -> None:
         if differ:
             raise UserError(f"text: {text}: the {role} and {text} models encode question {differ[0]} differently "
                             "(different tokenizers); same-text scoring needs one tokenizer: use text: own")
+    if ctx.pool() is not None:  # the model lives in the workers, which check every id against it
+        return
     vocab = ctx.models.get(role).model.get_input_embeddings().weight.shape[0]
     top = max(max(rows[text][i]["prompt_ids"] + rows[text][i]["answer_ids"]) for i in idx)
     if top >= vocab:

@@ -92,17 +92,90 @@ def generate_one(ctx, role: str, ds) -> None:
             ctx.log(f"generate tuned {ds.key}: same model and settings as base; copied {len(pending)} answers")
             return
     cfg = ctx.config
-    loaded = ctx.models.get(role) if cfg.backend == "hf" else _tokenizer_only(getattr(cfg, role))
+    pool = ctx.pool()
+    loaded = ctx.models.get(role) if cfg.backend == "hf" and pool is None else _tokenizer_only(getattr(cfg, role))
     preset = cfg.prompt_for(role)
     prompts = [encode(p.question, loaded.tokenizer, preset, cfg.instruction) for p in problems]
     ctx.update_manifest("prompt_example", role, value=render(problems[0].question, preset, loaded.tokenizer,
                                                              cfg.instruction))
+    if pool is not None:
+        _generate_sharded(ctx, pool, role, ds, problems, prompts, key, rule)
+        return
     backend = _backend(cfg, role, loaded)
     decode = lambda ids: loaded.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     ctx.log(f"generate {role} {ds.key}: {len(pending)} of {len(problems)} questions to answer "
             f"(greedy, max_new_tokens={cfg.max_new_tokens}, prompt={preset}, backend={backend.name})")
     generate_dataset(path, problems, prompts, backend, decode, cfg.gen_batch_size,
                      progress=ctx.progress, desc=f"generate {role} {ds.key}", truncated_rule=rule)
+
+
+def _generate_sharded(ctx, pool, role: str, ds, problems, prompts, key: str, rule: str) -> None:
+    """The one-process batches of the pending questions, spread over the pool's workers shard by shard; the rows
+    are written in one-process order, in one atomic write, once every shard is done (circuitdiff.parallel)."""
+    from circuitdiff.parallel.plan import batches_by_length, n_shards_for, padded_cost, plan_shards
+    from circuitdiff.parallel.pool import Load
+    from circuitdiff.parallel.shards import remove, run_sharded
+
+    cfg, path = ctx.config, layout.generations(ctx.run, role, ds.key)
+    folder = layout.generation_shards(ctx.run, role, ds.key)
+    existing = repair(path, ctx.log)
+    done = {r["idx"] for r in existing}
+    pending = [(p, ids) for p, ids in zip(problems, prompts) if p.idx not in done]
+    lengths = [len(ids) for _, ids in pending]
+    batches = batches_by_length(lengths, cfg.gen_batch_size, tie=[p.idx for p, _ in pending])
+    shards = plan_shards(batches, [padded_cost(b, lengths, cfg.max_new_tokens) for b in batches],
+                         n_shards_for(len(batches), pool.workers, pool.shards_per_worker))
+    model_cfg = getattr(cfg, role)
+    load = Load.of(answerer, spec=model_cfg.spec, trust_remote_code=model_cfg.trust_remote_code, dtype=cfg.dtype,
+                   device=cfg.device, attn_implementation=cfg.attn_implementation, backend=cfg.backend,
+                   max_new_tokens=cfg.max_new_tokens)
+    ctx.log(f"generate {role} {ds.key}: {len(pending)} of {len(problems)} questions to answer (greedy, "
+            f"max_new_tokens={cfg.max_new_tokens}, prompt={cfg.prompt_for(role)}, backend={cfg.backend}, "
+            f"batches of {cfg.gen_batch_size} as in one process)")
+    results = run_sharded(
+        pool, shards, folder=folder, job_key=settings_key({"generation": key, "rule": rule, "pending": [p.idx for p, _ in pending]}),
+        suffix=".jsonl", load=load, fn=answer_batches,
+        payload=lambda shard: {"batches": [[pending[i] for i in batch] for batch in shard.batches], "rule": rule},
+        save=write_jsonl, read=_read_shard, name=f"generate {role} {ds.key}", log=ctx.log)
+    by_idx = {row["idx"]: row for rows in results for row in rows}
+    order = [pending[i][0].idx for batch in batches for i in batch]
+    if set(by_idx) != set(order):
+        raise UserError(f"the shards in {folder} do not hold the pending questions; delete that folder and run again")
+    write_jsonl(path, existing + [by_idx[i] for i in order])
+    remove(folder)
+
+
+def _read_shard(path: Path) -> list[dict] | None:
+    rows, damaged = read_jsonl_rows(path, artifacts.row_ok)
+    return rows if damaged is None else None
+
+
+def answerer(spec: str, trust_remote_code: bool, dtype: str, device: str, attn_implementation: str, backend: str,
+             max_new_tokens: int):
+    """A worker's generator (loaded once per worker): (backend, decode), as the one-process stage builds them."""
+    from types import SimpleNamespace
+
+    from circuitdiff.models import load_model
+
+    model_cfg = SimpleNamespace(spec=spec, trust_remote_code=trust_remote_code)
+    config = SimpleNamespace(backend=backend, dtype=dtype, max_new_tokens=max_new_tokens, base=model_cfg)
+    if backend == "hf":
+        loaded = load_model(spec, dtype, device, trust_remote_code=trust_remote_code,
+                            attn_implementation=attn_implementation)
+    else:
+        loaded = _tokenizer_only(model_cfg)
+    return _backend(config, "base", loaded), lambda ids: loaded.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def answer_batches(generator, payload: dict) -> list[dict]:
+    """A worker's part: the rows of the given batches of (problem, prompt ids), each batch generated as one process
+    generates it, in batch order."""
+    backend, decode = generator
+    rows = []
+    for batch in payload["batches"]:
+        gens = backend.generate([ids for _, ids in batch])
+        rows += [make_row(p, ids, g, decode, payload["rule"]) for (p, ids), g in zip(batch, gens)]
+    return rows
 
 
 def _check_rows_match(path: Path, rows: list[dict], problems: list[Problem]) -> None:
@@ -204,15 +277,16 @@ def generate_dataset(
         raise ValueError("problems and prompts differ in length")
     if batch_size < 1:
         raise UserError(f"batch size {batch_size} must be at least 1")
+    from circuitdiff.parallel.plan import batches_by_length
+
     path = Path(path)
     done = {row["idx"] for row in repair(path)}
     pending = [(p, ids) for p, ids in zip(problems, prompts) if p.idx not in done]
-    pending.sort(key=lambda item: (-len(item[1]), item[0].idx))
     bar = tqdm(total=len(problems), initial=len(problems) - len(pending), desc=desc, unit="q",
                disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    try:
-        for start in range(0, len(pending), batch_size):
-            batch = pending[start : start + batch_size]
+    try:  # longest prompts first, ties by idx: the batches the parallel path shards
+        for rows in batches_by_length([len(ids) for _, ids in pending], batch_size, tie=[p.idx for p, _ in pending]):
+            batch = [pending[i] for i in rows]
             gens = backend.generate([ids for _, ids in batch])
             append_jsonl(path, [make_row(p, ids, g, decode, truncated_rule) for (p, ids), g in zip(batch, gens)])
             bar.update(len(batch))

@@ -15,7 +15,9 @@
         crosscoder/{main|null}.pt                      weights + training state (a rerun resumes)
         latents.csv, latents_null.csv, summary.json, attribution.csv (+ .npz), interventions.csv, contexts.json,
         features.html, fig_relative_norm.png, timings.json
-      shards/{stage}/                                  (reserved: work split over workers)
+      shards/{stage}/                                  work split over workers (circuitdiff.parallel), until merged:
+      shards/attribute/{scoring}/{view}/{dataset}/alpha={a}/shard-{n}-{key}.npz
+      shards/generate/{role}/{dataset}/shard-{n}-{key}.jsonl
 
     Every single-shot artifact X (selection, attribution, validation, intervention) has a key
     file X.key beside it (store/keys.py): the key of the inputs and settings that made X and a
@@ -233,7 +235,32 @@ def find_feature_layers(run: Path) -> list[tuple[int, Path]]:
 
 
 def shards_dir(run: Path, stage: str) -> Path:
-    return Path(run) / "shards" / stage
+    return shards_root(run) / stage
+
+
+def attribution_shards(run: Path, role: str, dataset: str, alpha: float, text: str | None = None,
+                       objective: str = "nll", method: str = "eap") -> Path:
+    """The finished shards of an attribution spread over workers (circuitdiff.parallel), until they are merged."""
+    return shards_dir(run, "attribute") / scoring(objective, method) / view(role, text) / dataset / alpha_tag(alpha)
+
+
+def generation_shards(run: Path, role: str, dataset: str) -> Path:
+    """The finished shards of a generation spread over workers, until they are merged into the generations file."""
+    return shards_dir(run, "generate") / role / dataset
+
+
+def shard_file(folder: Path, number: int, key: str, suffix: str) -> Path:
+    """One finished shard inside a shards folder (or an attribute --out's .parts folder)."""
+    return Path(folder) / f"shard-{number:04d}-{key}{suffix}"
+
+
+def shards_root(run: Path) -> Path:
+    return Path(run) / "shards"
+
+
+def shard_files(run: Path) -> list[Path]:
+    """Every shard file still in a run (none once every sharded job is merged)."""
+    return sorted(p for p in shards_root(run).rglob("*") if p.is_file())
 
 
 def stale_temp_files(run: Path) -> list[Path]:
