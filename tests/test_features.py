@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from circuitdiff.features.classes import classify, null_comparison, scaling_beta
+from circuitdiff.features.classes import classify, norm_class, null_comparison, scaling_beta
+from circuitdiff.features.settings import Thresholds
 from circuitdiff.features.crosscoder import Crosscoder, Pass, Trainer, batch_topk, evaluate, train
 from circuitdiff.features.interventions import matched_random
 
@@ -160,7 +161,7 @@ class _Boom:
     """A tensor whose rows can be read `limit` times, then a simulated kill."""
 
     def __init__(self, t, limit):
-        self.t, self.limit = t, limit
+        self.t, self.limit, self.shape = t, limit, t.shape
 
     def __getitem__(self, idx):
         self.limit -= 1
@@ -179,7 +180,7 @@ def test_training_resumes_to_the_same_weights(tmp_path):
                 key="k", checkpoint_every=10, log=lambda _: None)
     first = Trainer(Crosscoder(2, 16, 32, seed=0), 62, **opts)
     with pytest.raises(KeyboardInterrupt):
-        first.run(passes[0], 0, [_Boom(t, 2 + 25) for t in data])  # 2 reads set the scales; killed at step 25 (checkpoint: 20)
+        first.run(passes[0], 0, [_Boom(t, 1 + 25) for t in data])  # 1 read sets the scales; killed at step 25 (checkpoint: 20)
     resumed = Crosscoder(2, 16, 32, seed=0)
     again = Trainer(resumed, 62, **opts)
     assert again.step == 20
@@ -204,3 +205,42 @@ def test_matched_random_sets():
             closeness = np.sort(np.abs(np.log(magnitude[candidates]) - np.log(magnitude[t])))
             assert abs(np.log(magnitude[r]) - np.log(magnitude[t])) <= closeness[10 + len(targeted)]
     assert draws != matched_random(targeted, magnitude, alive, 5, pool=10, seed=1)
+
+
+@pytest.mark.parametrize("rho, want", [
+    ([1.0, 0.9, 0.5], "shared"), ([1.0, 0.05, 0.1], "base-only"), ([0.05, 1.0, 0.0], "sft-only"),
+    ([0.0, 0.0, 1.0], "tuned-only"), ([0.05, 0.8, 1.0], "sft+tuned"), ([1.0, 0.2, 0.05], "intermediate"),
+    ([1.0, 0.43, 0.5], "shared"), ([1.0, 0.42, 0.5], "intermediate"),
+])
+def test_norm_classes_for_three_models(rho, want):
+    assert norm_class(np.array(rho), ["base", "sft", "tuned"], Thresholds()) == want
+
+
+def test_two_model_thresholds_are_the_relative_norm_ones():
+    """rho thresholds 1/9 and 3/7 are r < 0.1 / r > 0.9 and 0.3 <= r <= 0.7 for r = n_tuned / (n_base + n_tuned)."""
+    for r in np.linspace(0.005, 0.995, 199):
+        rho = np.array([1 - r, r]) / max(1 - r, r)
+        got = norm_class(rho, ["base", "tuned"], Thresholds())
+        want = ("base-only" if r < 0.1 else "tuned-only" if r > 0.9 else "shared" if 0.3 <= r <= 0.7 else
+                "intermediate")
+        if min(abs(r - t) for t in (0.1, 0.3, 0.7, 0.9)) > 1e-9:
+            assert got == want, r
+
+
+def test_massive_activations_are_left_out(tmp_path):
+    """Rows whose norm exceeds 10x the median are flagged, and training reads only the rows it is given: the input
+    scale comes from the kept rows alone."""
+    from circuitdiff.features.activations import outliers
+
+    xb, xt, _, _ = planted(seed=4, n=3000)
+    xb[[5, 700]] *= 400.0  # two massive activations in the base model only
+    data = [torch.tensor(xb, dtype=torch.float16), torch.tensor(xt, dtype=torch.float16)]
+    flagged = outliers(data[0]) | outliers(data[1])
+    assert np.flatnonzero(flagged).tolist() == [5, 700]
+    keep = torch.from_numpy(np.flatnonzero(~flagged))
+    cc = Crosscoder(2, 16, 32, seed=0)
+    trainer = Trainer(cc, 23, checkpoint=tmp_path / "o.pt", key="k", **TRAIN)
+    trainer.run(Pass(3000, 0, lambda: data), 0, data, keep)
+    kept = xb[~flagged].astype(np.float16).astype(np.float64)
+    assert float(cc.input_scale[0]) == pytest.approx(np.sqrt(16 / (kept**2).sum(1).mean()), rel=1e-6)
+    assert trainer.step == 23

@@ -176,16 +176,25 @@ def test_features_end_to_end_and_resume(tiny_run, tmp_path):
     assert after == before  # a rerun recomputes nothing and rewrites the same bytes
 
 
-def test_stream_mode_trains_chunk_by_chunk(tiny_run, tmp_path):
-    run, _, _ = tiny_run
+def test_stream_mode_with_three_models(tiny_run, tmp_path):
+    """--stream trains chunk by chunk and deletes each chunk once both crosscoders used it; a third model (sft)
+    gets its own decoder, norms, shares and classes."""
+    from features_helpers import save_perturbed
+
+    run, base, _ = tiny_run
+    sft = save_perturbed(base, tmp_path / "sft", seed=2, layers=(0, 1))
     s = FeatureSettings(**{**TINY, "stream": True, "epochs": 1, "chunk_tokens": 900, "attribution": False})
-    folder = features(run, settings=s, out=tmp_path / "s", log=lambda _: None)
+    folder = features(run, ["base", f"sft={sft}", "tuned"], s, out=tmp_path / "s", log=lambda _: None)
     summary = json.loads(layout.features_file(folder, "summary").read_text())
+    assert [m["label"] for m in summary["models"]] == ["base", "sft", "tuned"] and set(summary["fvu"]) == {"base", "sft", "tuned"}
+    assert set(summary["model_only"]) == {"base-only", "sft-only", "tuned-only"}
+    header = (folder / "latents.csv").read_text().splitlines()[0].split(",")
+    assert {"norm_sft", "nrn_sft", "share_sft", "beta_eps_sft"} <= set(header)
     plan = Plan.load(layout.features_file(folder, "tokens"))
     chunks = chunks_of(plan, 900)
     assert len(chunks) >= 2 and all(sum(plan.n_rows(x) for x in c) >= 900 for c in chunks[:-1])
     assert summary["training"]["steps"] == sum(sum(plan.n_rows(x) for x in c) // 64 for c in chunks)
-    for label in ("base", "tuned"):  # the training chunks were deleted once used; the held-out shard stays
+    for label in ("base", "sft", "tuned"):  # the training chunks were deleted once used; the held-out shard stays
         left = sorted(p.name for p in layout.features_acts(folder, label).glob("shard-*.npy"))
         assert left == [layout.features_shard(folder, label, i).name for i in plan.held_shards()]
 

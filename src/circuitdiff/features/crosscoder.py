@@ -126,6 +126,7 @@ class TrainResult:
     tokens_seen: int
     final_loss: float  # mean of the last 50 steps' reconstruction loss
     curve: list = field(default_factory=list)  # [step, k, loss, aux, dead share]
+    left_out: dict = field(default_factory=dict)  # first step of a pass -> its planned rows not trained on
     seconds: float = 0.0
     resumed_at: int = 0
 
@@ -239,8 +240,10 @@ class Trainer:
     def steps_of(self, pass_: Pass) -> int:
         return pass_.rows // self.batch_size
 
-    def run(self, pass_: Pass, first_step: int, data: list[torch.Tensor] | None = None) -> None:
-        """Train the steps of `pass_` not done yet; data: its tensors when already loaded."""
+    def run(self, pass_: Pass, first_step: int, data: list[torch.Tensor] | None = None,
+            rows: torch.Tensor | None = None) -> None:
+        """Train the steps of `pass_` not done yet; data: its tensors when already loaded; rows: the row numbers to
+        train on (default all; when fewer than the pass plans, the shuffled rows are used cyclically)."""
         from tqdm.auto import tqdm
 
         cc, n_steps = self.cc, self.steps_of(pass_)
@@ -248,13 +251,16 @@ class Trainer:
             return
         t0 = time.perf_counter()
         data = data if data is not None else pass_.load()
+        rows = rows if rows is not None else torch.arange(int(data[0].shape[0]))
+        self.result.left_out[str(first_step)] = int(pass_.rows - len(rows))
         if self.step == 0:
-            init_from(cc, data)
-        perm = torch.from_numpy(np.random.default_rng(pass_.seed).permutation(pass_.rows))
+            init_from(cc, [t[rows[:NORM_TOKENS]] for t in data])
+        perm = rows[torch.from_numpy(np.random.default_rng(pass_.seed).permutation(len(rows)))]
+        batch = torch.arange(self.batch_size)
         bar = tqdm(total=n_steps, initial=self.step - first_step, desc=f"crosscoder {self.checkpoint.stem}",
                    unit="step", disable=not self.progress)
         for offset in range(self.step - first_step, n_steps):
-            idx = perm[offset * self.batch_size : (offset + 1) * self.batch_size]
+            idx = perm[(offset * self.batch_size + batch) % len(perm)]
             x = cc.normalise([t[idx] for t in data])
             k_now = k_at(self.step, self.total, self.k, cc.n_latents)
             x_hat, fired, kept = training_forward(cc, x, k_now)

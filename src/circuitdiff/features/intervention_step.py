@@ -89,8 +89,9 @@ def run(ctx) -> list[dict]:
                                gen_batch_size=s.gen_batch_size, loss_batch_size=s.model_batch_size)
         parts["outcomes"][label] = {"loss": outcome.loss.tolist(), "correct": outcome.correct.tolist()}
         io.write_json(path, parts)
-        ctx.log(f"interventions: {label}: accuracy {outcome.correct.mean():.3f}, loss {outcome.loss.mean():.4f} "
-                f"({len(ids)} questions)")
+        ctx.log(f"interventions: {model} model, factor {factor:g}, {name} ({len(latents)} latents, decoder {ctx.target}): "
+                f"accuracy {outcome.correct.mean():.3f} (greedy, cap {max_new}, grading {truncated}), mean NLL of its own "
+                f"unmodified answer {outcome.loss.mean():.4f} nats ({len(ids)} questions)")
 
     def outcome(model, factor, name):
         o = parts["outcomes"][f"{model}|{factor:g}|{name}"]

@@ -62,12 +62,14 @@ def context_text(ids: np.ndarray, pos: int, decode) -> str:
             + decode(ids[pos + 1 : pos + 1 + AFTER].tolist())).replace("\n", "\\n")
 
 
-def contexts(cc: Crosscoder, data: list[torch.Tensor], plan, table: LatentTable, compact: list[int], decode,
-             target: str) -> dict:
-    """contexts.json: for each chosen latent, its class, relative norm, frequency and max-activating contexts."""
+def contexts(cc: Crosscoder, data: list[torch.Tensor], kept: np.ndarray, plan, table: LatentTable, compact: list[int],
+             decode, target: str) -> dict:
+    """contexts.json: for each chosen latent, its class, relative norm, frequency and max-activating contexts.
+    data: the held-out rows `kept` (row numbers in the held-out shards)."""
     chosen = chosen_latents(table, compact)
     values, rows = top_rows(cc, data, [j for j, _ in chosen])
-    where = [rc for shard in plan.held_shards() for rc in plan.rows(shard)]
+    every = [rc for shard in plan.held_shards() for rc in plan.rows(shard)]
+    where = [every[i] for i in kept]
     out = []
     rel = table.relative_norm(target)
     for (j, why), vs, rs in zip(chosen, values, rows):

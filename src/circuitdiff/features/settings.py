@@ -16,6 +16,9 @@ RESIDUAL = "the residual stream after decoder layer L (the output of layers[L], 
 POSITIONS = ("every position of a sequence except its first (position 0 is an attention sink in most models, with "
              "norms far above the rest); for a run's second answer to the same prompt only the answer positions "
              "(the prompt is stored once)")
+OUTLIERS = ("a position is left out of training and of every held-out number when, in any model, its residual norm "
+            "exceeds 10 times the median norm of its block of shards (massive activations: in SmolLM2-135M at layer 15 "
+            "two such positions of 16,384 held 60% of the shard's squared norm); summary.json counts them")
 NORMALISATION = ("per model one scalar s_i = sqrt(d_model / mean ||x_i||^2) over the first <= 50,000 training tokens, "
                  "so that every model's input has mean squared norm d_model; no mean is removed (the decoder bias "
                  "holds it); decoder norms, FVU and latent scaling are in these normalised units")

@@ -55,6 +55,7 @@ class Context:
     tops: dict = field(default_factory=dict)
     n_attr_questions: dict = field(default_factory=dict)
     intervention_rows: list = field(default_factory=list)
+    outliers: dict = field(default_factory=dict)  # rows left out (settings.OUTLIERS), per block
 
     @property
     def labels(self) -> list[str]:
@@ -111,13 +112,26 @@ def activations(ctx: Context) -> None:
 
 
 # ---------------------------------------------------------------- 2. crosscoders
-def _load(ctx: Context, labels: list[str], shards: list[int]) -> list:
-    out = []
+def _load(ctx: Context, labels: list[str], shards: list[int]) -> tuple[list, "torch.Tensor"]:
+    """(per label [rows, d] float16 tensors of the shards, the rows kept: no label's residual is an outlier)."""
+    import torch
+
+    out, drop = [], None
     for label in labels:
         if (label, tuple(shards)) not in ctx.tensors:
-            ctx.tensors[(label, tuple(shards))] = A.load_shards(ctx.folder, label, shards)
-        out.append(ctx.tensors[(label, tuple(shards))])
-    return out
+            values = A.load_shards(ctx.folder, label, shards)
+            ctx.tensors[(label, tuple(shards))] = (values, A.outliers(values))
+        values, outlier = ctx.tensors[(label, tuple(shards))]
+        out.append(values)
+        drop = outlier if drop is None else drop | outlier
+    return out, torch.from_numpy(np.flatnonzero(~drop))
+
+
+def _held(ctx: Context, labels: list[str]) -> tuple[list, np.ndarray]:
+    """The held-out rows without outliers, per label, and their row numbers in the held-out shards."""
+    values, keep = _load(ctx, labels, ctx.plan.held_shards())
+    ctx.outliers[f"held-out rows ({'+'.join(dict.fromkeys(labels))})"] = int(len(values[0]) - len(keep))
+    return [v[keep] for v in values], keep.numpy()
 
 
 def _trainer(ctx: Context, name: str, inputs: list[str], total: int) -> X.Trainer:
@@ -152,7 +166,7 @@ def crosscoders(ctx: Context) -> None:
                 _collect(ctx, ref, chunk)
         for trainer, inputs in ((main, ctx.labels), (null, ctx.null_inputs())):
             if trainer in pending:
-                trainer.run(pass_, first, _load(ctx, inputs, chunk))
+                trainer.run(pass_, first, *_load(ctx, inputs, chunk))
         if s.stream:  # this chunk is done for both crosscoders: free it
             for label in {*ctx.labels, *ctx.null_inputs()}:
                 ctx.tensors.pop((label, tuple(chunk)), None)
@@ -162,6 +176,9 @@ def crosscoders(ctx: Context) -> None:
     ctx.main, ctx.null = main.cc.eval(), null.cc.eval()
     untimed = lambda r: {k: v for k, v in r.__dict__.items() if k not in ("seconds", "resumed_at")}  # noqa: E731
     ctx.train_results = {"main": untimed(main.result), "null": untimed(null.result)}
+    for name, t in (("main", main), ("null", null)):
+        ctx.outliers[f"training rows per pass, {name} crosscoder"] = [t.result.left_out[k] for k in sorted(
+            t.result.left_out, key=int)]
     ctx.timings.update({"train main (total over resumes)": main.result.seconds,
                         "train null (total over resumes)": null.result.seconds})
     ctx.timed("crosscoders", t0)
@@ -171,11 +188,9 @@ def crosscoders(ctx: Context) -> None:
 def classes(ctx: Context) -> None:
     t0 = time.perf_counter()
     th = ctx.settings.thresholds
-    held = ctx.plan.held_shards()
-    main_data = _load(ctx, ctx.labels, held)
-    ctx.sums["main"] = X.evaluate(ctx.main, main_data)
+    ctx.sums["main"] = X.evaluate(ctx.main, _held(ctx, ctx.labels)[0])
     ctx.table = C.classify(ctx.sums["main"], ctx.main.W_dec.detach().cpu().numpy(), ctx.labels, th)
-    ctx.sums["null"] = X.evaluate(ctx.null, _load(ctx, ctx.null_inputs(), held))
+    ctx.sums["null"] = X.evaluate(ctx.null, _held(ctx, ctx.null_inputs())[0])
     ctx.null_table = C.classify(ctx.sums["null"], ctx.null.W_dec.detach().cpu().numpy(), ctx.null_labels, th)
     ctx.timed("classes", t0)
 
@@ -235,7 +250,8 @@ def interventions(ctx: Context) -> None:
 # ---------------------------------------------------------------- 6. outputs
 def conventions(ctx: Context) -> dict:
     s = ctx.settings
-    return {"residual": S.RESIDUAL, "positions": S.POSITIONS, "normalisation": S.NORMALISATION, "encoder": S.ENCODER,
+    return {"residual": S.RESIDUAL, "positions": S.POSITIONS, "outliers": S.OUTLIERS, "normalisation": S.NORMALISATION,
+            "encoder": S.ENCODER,
             "annealing": S.ANNEALING, "aux_loss": S.AUX_LOSS, "loss": S.LOSS, "fvu": S.FVU, "nrn": S.NRN,
             "attribution_share": S.ATTRIBUTION_SHARE, "latent_scaling": S.LATENT_SCALING,
             "thresholds": s.thresholds.describe(ctx.labels), "feature_attribution": S.FEATURE_ATTRIBUTION,
@@ -258,10 +274,10 @@ def outputs(ctx: Context) -> None:
                               table.relative_norm(ctx.target), ctx.compact))
     if ctx.intervention_rows:
         O.write_csv(layout.features_file(folder, "interventions"), ctx.intervention_rows)
-    held = ctx.plan.held_shards()
     decode = lambda ids: ctx.tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
+    held, kept = _held(ctx, ctx.labels)
     io.write_json(layout.features_file(folder, "contexts"),
-                  O.contexts(ctx.main, _load(ctx, ctx.labels, held), ctx.plan, table, ctx.compact, decode, ctx.target))
+                  O.contexts(ctx.main, held, kept, ctx.plan, table, ctx.compact, decode, ctx.target))
     fvu_null = ctx.sums["null"].fvu()
     dead_null = ctx.null_table.counts().get(C.DEAD, 0) / ctx.null_table.n_latents
     null = {**C.null_comparison(table, ctx.null_table), "labels": ctx.null_labels,
@@ -277,6 +293,7 @@ def outputs(ctx: Context) -> None:
         "dead_fraction": table.counts().get(C.DEAD, 0) / table.n_latents, "counts": table.counts(),
         "norm_counts": {c: table.norm_class.count(c) for c in sorted(set(table.norm_class))},
         "model_only": table.model_only(), "null": null, "training": ctx.train_results["main"],
+        "outliers": {"rule": S.OUTLIERS, "left_out": ctx.outliers},
         "compact_set": ctx.compact, "top_k": {d: v for d, v in ctx.tops.items()},
         "settings": {**s.keyed(), "null_model": s.null_model, "thresholds": s.thresholds.__dict__},
         "input_scale": dict(zip(ctx.labels, map(float, ctx.main.input_scale.cpu()))),
@@ -284,7 +301,11 @@ def outputs(ctx: Context) -> None:
     }  # fmt: skip
     io.write_json(layout.features_file(folder, "summary"), summary)
     O.write_page(folder)
-    ctx.log("features: FVU " + ", ".join(f"{k} {v:.3f}" for k, v in summary["fvu"].items())
-            + f"; dead {summary['dead_fraction']:.3f}; classes {summary['counts']}; model-only beside the null's "
-            f"{null['spurious_model_only']} spurious: {summary['model_only']}")
+    th = s.thresholds
+    ctx.log(f"features (layer {ctx.layer}, {table.n_latents} latents = {s.dict_size}x d_model, BatchTopK k {s.k}, "
+            f"{summary['tokens']['train']} training tokens per model, inputs scaled to mean ||x||^2 = d_model; on "
+            f"{table.n_tokens} held-out tokens): FVU " + ", ".join(f"{k} {v:.3f}" for k, v in summary["fvu"].items())
+            + f"; dead {summary['dead_fraction']:.3f}; classes {summary['counts']} (rho thresholds {th.lacks:.3g} / "
+            f"{th.uses:.3g}, latent scaling nu < {th.nu:g}); model-only {summary['model_only']} beside "
+            f"{null['spurious_model_only']} spurious model-only latents in the null control ({conventions(ctx)['null']})")
     ctx.timed("outputs", t0)
