@@ -63,6 +63,40 @@ def study_rows(track_csv: Path) -> list[dict]:
              "range": r["range"], "entries": r["entries"], "bins": r["bins"], "alpha": r["alpha"]} for r in rows]
 
 
+SUMMARY = [("nll", "raw", "activation_intensity", "Δ Intensity (nll, raw)"),
+           ("nll", "unit", "information_complexity", "Δ Info. Complexity (nll, unit)"),
+           ("logit", "raw", "activation_intensity", "Δ Intensity (logit, raw)"),
+           ("logit", "unit", "information_complexity", "Δ Info. Complexity (logit, unit)"),
+           ("nll", "raw", "distribution_kurtosis", "Δ Kurtosis (nll)"),
+           ("logit", "raw", "distribution_kurtosis", "Δ Kurtosis (logit)"),
+           ("nll", "raw", "diversity", "Δ Diversity (nll)")]
+
+
+def summary_table(rows: list[dict]) -> str:
+    """Markdown: per method and checkpoint, accuracy [CI] and the SUMMARY differences [CI] (arrow: CI excludes 0)."""
+    def cell(r: dict) -> str:
+        d, lo, hi = (float(r[k]) for k in ("diff", "ci_low", "ci_high"))
+        if d != d:
+            return "n/a"
+        arrow = " ↑" if lo > 0 else " ↓" if hi < 0 else ""
+        return f"{d:+.3g} [{lo:+.3g}, {hi:+.3g}]{arrow}"
+
+    head = "| method | step | accuracy [95% CI] | n | " + " | ".join(label for *_, label in SUMMARY) + " |"
+    lines = [head, "|" + "---|" * (4 + len(SUMMARY))]
+    index = {(r["method"], r["step"], r["objective"], r["scale"], r["metric"]): r for r in rows}
+    for method, step in dict.fromkeys((r["method"], r["step"]) for r in rows if r["step"] != "0"):
+        first = index[(method, step, *SUMMARY[0][:3])]
+        acc = (f"{100 * float(first['accuracy']):.1f}% [{100 * float(first['acc_ci_low']):.1f}, "
+               f"{100 * float(first['acc_ci_high']):.1f}]")
+        cells = [cell(index[(method, step, o, sc, m)]) for o, sc, m, _ in SUMMARY]
+        lines.append(f"| {method} | {step} | {acc} | {first['n_samples']} | " + " | ".join(cells) + " |")
+    start = next(r for r in rows if r["step"] == "0")
+    lines.append(f"\nstart (step 0): accuracy {100 * float(start['accuracy']):.1f}% "
+                 f"[{100 * float(start['acc_ci_low']):.1f}, {100 * float(start['acc_ci_high']):.1f}] "
+                 f"on {start['n_questions']} questions")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
@@ -71,7 +105,12 @@ def main() -> None:
     p.add_argument("--n-boot", type=int, default=2000)
     p.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     p.add_argument("--csv", default="docs/results/lab_study.csv")
+    p.add_argument("--table", help="only print the summary table of this study csv")
     args = p.parse_args()
+    if args.table:
+        with open(args.table, newline="") as f:
+            print(summary_table(list(csv.DictReader(f))))
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     times_path = out / "times.json"
@@ -91,6 +130,7 @@ def main() -> None:
         writer = csv.DictWriter(f, STUDY_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
+    print(summary_table(rows))
     print(f"wrote {target} ({len(rows)} rows); times (s): {json.dumps(times)}")
 
 
