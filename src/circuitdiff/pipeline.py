@@ -60,6 +60,11 @@ class ModelSlot:
             self.on_load(role, self.loaded)
         return self.loaded
 
+    def holds(self, role: str) -> bool:
+        """Whether `role`'s model is the one in memory now."""
+        model_cfg = getattr(self.config, role)
+        return self.loaded is not None and self.key == (model_cfg.spec, model_cfg.trust_remote_code)
+
     def release(self) -> None:
         if self.loaded is None:
             return

@@ -13,8 +13,9 @@ def register(subparsers) -> None:
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo); a rerun resumes")
     p.add_argument("--tuned", help="another tuned model spec instead of the packaged adapter")
     p.add_argument("--limit", type=int, help="first n test problems only (quicker)")
-    p.add_argument("--validate-samples", type=int, default=2, help="samples for exact-ablation validation (0: skip)")
-    p.add_argument("--intervene-questions", type=int, default=40, help="questions for the intervention (0: skip)")
+    p.add_argument("--validate-samples", type=int, default=1,
+                   help="samples per model for exact-ablation validation (default 1; 0: skip)")
+    p.add_argument("--intervene-questions", type=int, default=32, help="questions for the intervention (default 32; 0: skip)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 

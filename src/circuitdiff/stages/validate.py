@@ -71,6 +71,6 @@ def stage(ctx) -> None:
     v = ctx.config.validation
     alpha = v.alpha if v.alpha is not None else ctx.config.alphas[0]
     for ds in ctx.dataset(v.dataset):
-        for role in v.roles:
+        for role in sorted(v.roles, key=lambda r: not ctx.models.holds(r)):  # the model in memory first: a load fewer
             validate_one(ctx.run, role, ds.key, alpha, v, get_model=lambda r=role: ctx.models.get(r),
                          dtype=ctx.config.dtype, device=ctx.config.device, progress=ctx.progress, log=ctx.log)
