@@ -47,7 +47,8 @@ def timed(cmd: list[str], times: dict, name: str, out: Path) -> None:
     start = time.time()
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
-    times[name] = round(time.time() - start, 1)
+    runs = times.get(name, [])  # seconds of each invocation: a resumed step adds to, never replaces, its first one
+    times[name] = [*(runs if isinstance(runs, list) else [runs]), round(time.time() - start, 1)]
     (out / "times.json").write_text(json.dumps(times, indent=2))
 
 
