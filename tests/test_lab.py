@@ -214,6 +214,29 @@ def test_grpo_rerun_resumes(world, tmp_path):
     assert {p: p.read_bytes() for p in (out / "checkpoint-1").iterdir()} == kept
 
 
+def test_grpo_rerun_of_a_finished_run_trains_nothing(world, tmp_path):
+    """Resuming GRPO from its last checkpoint used to train one step more (checkpoint-3 of a 2-step run). A finished
+    run is left alone; a run killed after its last checkpoint but before OUT/final gets that checkpoint's adapter."""
+    # 8 questions, 2 per step: the 2 steps end mid-epoch, where the trainer's resume logic ran one step more
+    settings = TrainSettings("grpo", base=str(world.base), dataset="arith", limit=8, steps=2, save_every=1, seed=1,
+                             questions_per_step=2, num_generations=3, max_completion_length=6, device="cpu",
+                             truncated="lenient")
+    out = tmp_path / "grpo"
+    train(settings, out, log=QUIET)
+    _rerun_does_nothing(settings, out)
+    assert [s for s, _ in layout.find_checkpoints(out)] == [1, 2]
+
+    shutil.rmtree(out / "final")
+    record = json.loads((out / "train.json").read_text())
+    record.pop("finished")
+    (out / "train.json").write_text(json.dumps(record))
+    _rerun_does_nothing(settings, out)
+    assert [s for s, _ in layout.find_checkpoints(out)] == [1, 2]
+    name = "adapter_model.safetensors"
+    assert (out / "final" / name).read_bytes() == (out / "checkpoint-2" / name).read_bytes()
+    assert json.loads((out / "final" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(world.base)
+
+
 def _rerun_does_nothing(settings: TrainSettings, out: Path) -> None:
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("checkpoint-*/*")}
     counter = StepCounter()

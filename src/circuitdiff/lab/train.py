@@ -23,6 +23,7 @@ resumes from the last checkpoint. OUT/train.json records every setting and conve
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -65,6 +66,8 @@ def train(settings: TrainSettings, out: str | Path, callbacks: list | None = Non
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if (final := _already_trained(settings, out, log)) is not None:
+        return final
     device = resolve_device(settings.device)
     set_seed(settings.seed)
     loaded = load_model(settings.base, settings.dtype, device)
@@ -96,6 +99,37 @@ def train(settings: TrainSettings, out: str | Path, callbacks: list | None = Non
     record.update({"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "log_history": trainer.state.log_history,
                    "checkpoints": [str(p) for _, p in layout.find_checkpoints(out)], "final": str(final)})
     io.write_json(layout.train_record(out), record)
+    return final
+
+
+def _already_trained(settings: TrainSettings, out: Path, log) -> Path | None:
+    """OUT/final when this training is done: train.json finished with these settings, or a checkpoint at the last
+    step (its adapter is the final model: copied to OUT/final). Resuming a finished run would train an extra step."""
+    final, record_path = layout.train_final(out), layout.train_record(out)
+    record = io.read_json(record_path) if record_path.exists() else {}
+    if record.get("finished") and record.get("settings") == json.loads(json.dumps(asdict(settings))) \
+            and layout.adapter_config(final).exists():
+        log(f"train: {out} already finished ({settings.steps} steps); nothing to do")
+        return final
+    done = [c for c in layout.find_checkpoints(out) if c[0] >= settings.steps]
+    if not done:
+        return None
+    step, checkpoint = done[0]  # the step itself when it was saved
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for name in layout.ADAPTER_FILES:
+        if (checkpoint / name).exists():
+            shutil.copy2(checkpoint / name, tmp / name)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    name_base(final, settings.base)
+    state_path = layout.trainer_state(checkpoint)
+    history = io.read_json(state_path).get("log_history", []) if state_path.exists() else []
+    io.write_json(record_path, {**record, "settings": asdict(settings), "log_history": history, "final": str(final),
+                                "checkpoints": [str(p) for _, p in layout.find_checkpoints(out)],
+                                "finished": record.get("finished") or time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    log(f"train: {checkpoint} is step {step} of {settings.steps}; its adapter is the final one ({final})")
     return final
 
 

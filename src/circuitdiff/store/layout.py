@@ -60,10 +60,7 @@ def alpha_tag(alpha: float) -> str:
 
 def alpha_label(name: str) -> str | None:
     """"alpha=0.1.npz" / "alpha=0.1.json" / "alpha=0.1" -> "0.1"; None when the name holds no alpha."""
-    stem = name
-    for suffix in (".npz", ".json"):
-        if stem.endswith(suffix):
-            stem = stem[: -len(suffix)]
+    stem = name.removesuffix(".npz").removesuffix(".json")
     if not stem.startswith("alpha="):
         return None
     label = stem[len("alpha=") :]
@@ -374,6 +371,14 @@ def train_checkpoint(out: Path, step: int) -> Path:
 def adapter_config(adapter_dir: Path) -> Path:
     """A LoRA adapter directory's config (it names the base model)."""
     return Path(adapter_dir) / "adapter_config.json"
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")  # what makes an adapter
+
+
+def trainer_state(checkpoint: Path) -> Path:
+    """A training checkpoint's trainer state (its log history)."""
+    return Path(checkpoint) / "trainer_state.json"
 
 
 def dpo_pairs(out: Path) -> Path:
