@@ -39,7 +39,7 @@ RUNS = {
     "self-distill": ["self-distill", "--batch-size", "4"],
 }
 STUDY_COLUMNS = ["method", "temperature", "shuffle_rewards", "step", "accuracy", "acc_ci_low", "acc_ci_high",
-                 "n_questions", "metric", "scale", "objective", "diff", "ci_low", "ci_high", "p_perm", "base", "tuned",
+                 "n_questions", "metric", "scale", "objective", "text", "diff", "ci_low", "ci_high", "p_perm", "base", "tuned",
                  "n_samples", "n_set", "n_set_correct", "question_set", "range", "entries", "bins", "alpha"]
 
 
@@ -52,13 +52,13 @@ def timed(cmd: list[str], times: dict, name: str, out: Path) -> None:
     (out / "times.json").write_text(json.dumps(times, indent=2))
 
 
-def study_rows(track_csv: Path) -> list[dict]:
+def study_rows(track_csv: Path, text: str) -> list[dict]:
     with open(track_csv, newline="") as f:
         rows = list(csv.DictReader(f))
     return [{"method": r["run"], "temperature": r["temperature"], "shuffle_rewards": r["shuffle_rewards"],
              "step": r["step"], "accuracy": r["accuracy"], "acc_ci_low": r["acc_ci_low"],
              "acc_ci_high": r["acc_ci_high"], "n_questions": r["total"], "metric": r["metric"], "scale": r["scale"],
-             "objective": r["objective"], "diff": r["diff"], "ci_low": r["diff_ci_low"], "ci_high": r["diff_ci_high"],
+             "objective": r["objective"], "text": r.get("text") or text, "diff": r["diff"], "ci_low": r["diff_ci_low"], "ci_high": r["diff_ci_high"],
              "p_perm": r["p_perm"], "base": r["base"], "tuned": r["tuned"], "n_samples": r["n_samples"],
              "n_set": r["n_set"], "n_set_correct": r["n_set_correct"], "question_set": r["question_set"],
              "range": r["range"], "entries": r["entries"], "bins": r["bins"], "alpha": r["alpha"]} for r in rows]
@@ -106,6 +106,10 @@ def main() -> None:
     p.add_argument("--n-boot", type=int, default=2000)
     p.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     p.add_argument("--csv", default="docs/results/lab_study.csv")
+    p.add_argument("--text", choices=["own", "start"], default="start",
+                   help="start (default): every checkpoint scored on the start model's answers (the fixed set then "
+                        "needs only the start correct); own: each on its own answers (the set needs every checkpoint "
+                        "correct: 3 questions here)")
     p.add_argument("--table", help="only print the summary table of this study csv")
     args = p.parse_args()
     if args.table:
@@ -121,10 +125,11 @@ def main() -> None:
         cmd = exe + ["train", *RUNS[name], *RECIPE, "--steps", str(args.steps), "--save-every", str(args.save_every),
                      "--out", str(out / name)]
         timed(cmd, times, f"train {name}", out)
+    track_out = out / ("track" if args.text == "own" else f"track-{args.text}")
     track = exe + ["track", *[str(out / name) for name in args.runs], "--dataset", "arith", "--n-boot",
-                   str(args.n_boot), "--out", str(out / "track")]
-    timed(track, times, "track", out)
-    rows = study_rows(out / "track" / "track.csv")
+                   str(args.n_boot), "--text", args.text, "--out", str(track_out)]
+    timed(track, times, f"track {args.text}", out)
+    rows = study_rows(track_out / "track.csv", args.text)
     target = Path(args.csv)
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target, "w", newline="") as f:

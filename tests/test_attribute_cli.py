@@ -97,3 +97,17 @@ def test_attribution_roundtrip(tmp_path):
     assert loaded.src_names == result.src_names and loaded.dst_names == result.dst_names
     assert loaded.granularity == "head" and loaded.meta["granularity"] == "head"
     assert np.array_equal(loaded.edge_mask, result.edge_mask)
+
+
+def test_package_attribute_is_the_function_after_the_module_is_imported(tiny_dir):
+    """`circuitdiff.attribute(...)` (the README's API) works although this file imported the module of that name
+    (which rebinds the package attribute to the module)."""
+    import circuitdiff
+    import circuitdiff.attribute as module
+
+    assert circuitdiff.attribute is module  # what the import system leaves on the package
+    model, model_dir = tiny_dir
+    samples = tiny_samples(1, 2)
+    via_package = circuitdiff.attribute(str(model_dir), samples)
+    direct = attribute(str(model_dir), samples)
+    np.testing.assert_array_equal(via_package.scores, direct.scores)

@@ -409,6 +409,42 @@ def test_track_during_training_then_cli_resume(world, capsys):
         assert read_json(layout.selection(runs[step], "gsm8k", 0.1))["idx"] == idx2
 
 
+def test_track_on_the_starts_answers(world, tmp_path):
+    """--text start: the set needs only the start correct (re-implemented), every checkpoint is scored on the
+    start's answers (its W equals a direct attribution of the checkpoint model on those tokens), and the
+    intensity difference is recomputed from the two W files."""
+    import circuitdiff
+
+    out = tmp_path / "track-start"
+    args = ["track", str(world.out), "--dataset", "gsm8k", "--source", str(world.data), "--max-new-tokens",
+            str(MAX_NEW), "--n-boot", "200", "--device", "cpu", "--truncated", "lenient", "--keep-unfinished",
+            "--text", "start", "--out", str(out)]
+    assert cli_main(args) == 0
+    (start,) = out.glob("start-*")
+    answers = {r["idx"]: r for r in read_rows(layout.generations(start, "base", "gsm8k"))}
+    qset = read_json(layout.track_question_set(start))
+    idx, t_cut = hand_fixed_set(list(answers.values()), [])
+    assert qset["idx"] == idx and qset["T_cut"] == t_cut and qset["text"] == "start" and len(idx) >= 2
+    rows = _csv(out / "track.csv")
+    for step in (1, 2):
+        run = out / "runs" / "grpo" / f"checkpoint-{step}"
+        assert read_json(layout.selection(run, "gsm8k", 0.1))["idx"] == idx
+        assert not layout.attribution(run, "tuned", "gsm8k", 0.1).exists()  # no own-text W in this mode
+        with np.load(layout.attribution(run, "tuned", "gsm8k", 0.1, "base")) as f:
+            Wt = f["scores"].astype(np.float64)
+        samples = [{"prompt_ids": answers[i]["prompt_ids"], "answer_ids": answers[i]["answer_ids"], "cut_len": t_cut}
+                   for i in idx]
+        direct = circuitdiff.attribute(str(world.out / f"checkpoint-{step}"), samples, device="cpu")
+        assert np.allclose(Wt, direct.scores, rtol=1e-5, atol=1e-6 * np.abs(direct.scores).max())
+        Wb = _W(run, "base", "nll")
+        got = next(r for r in rows if (r["step"], r["objective"], r["scale"], r["metric"])
+                   == (str(step), "nll", "raw", "activation_intensity"))
+        expected = np.abs(Wt.reshape(len(Wt), -1)).mean() - np.abs(Wb).mean()
+        assert float(got["diff"]) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    with pytest.raises(UserError, match="fixed question set"):
+        TrackSettings(text="start", question_set="per-checkpoint")
+
+
 @pytest.mark.parametrize("n_right, reason", [(0, "no question survives the all_correct step"),
                                              (1, "only 1 question(s) selected")])
 def test_track_with_too_few_both_correct(world, tmp_path, n_right, reason):

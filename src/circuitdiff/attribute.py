@@ -9,6 +9,7 @@ every finished batch is kept on disk, so a killed run resumes where it stopped.
 
 from __future__ import annotations
 
+import sys
 import zipfile
 from pathlib import Path
 
@@ -175,3 +176,14 @@ def _parts_key(model, spec, granularity, samples, batch_size, objective) -> str:
     return settings_key({"model": str(spec), "granularity": granularity, "batch_size": batch_size, "objective": objective,
                          "dtype": str(next(model.parameters()).dtype),
                          "n_parameters": sum(p.numel() for p in model.parameters()), "samples": samples})
+
+
+class _CallableModule(type(sys.modules[__name__])):
+    """`circuitdiff.attribute(...)` is the README's API; once this module is imported, `circuitdiff.attribute` names
+    the module (the import system binds it on the package), so the module calls the function."""
+
+    def __call__(self, *args, **kwargs):
+        return attribute(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

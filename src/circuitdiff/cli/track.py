@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from circuitdiff.cli import options
-from circuitdiff.lab.settings import QUESTION_SETS, TrackSettings
+from circuitdiff.lab.settings import QUESTION_SETS, TRACK_TEXTS, TrackSettings
 
 
 def register(subparsers) -> None:
@@ -26,6 +26,10 @@ def register(subparsers) -> None:
     p.add_argument("--question-set", choices=QUESTION_SETS, default=d.question_set,
                    help="fixed (default): one set of questions, T_cut and raw histogram range for every checkpoint, "
                         "chosen from the start and every checkpoint; per-checkpoint: re-select at each checkpoint")
+    p.add_argument("--text", choices=TRACK_TEXTS, default=d.text,
+                   help="own (default, the paper's): each checkpoint scored on its own answers; start: every checkpoint "
+                        "scored on the starting model's answers (the same tokens everywhere; the set needs only the "
+                        "start correct)")
     p.add_argument("--rechoose", action="store_true",
                    help="choose the fixed set again from the start and every checkpoint now in OUT")
     p.add_argument("--objective", nargs="+", choices=["nll", "logit"], default=list(d.objectives),
@@ -53,7 +57,7 @@ def run(args) -> int:
                              alpha=args.alpha, n_samples=args.n_samples, max_new_tokens=args.max_new_tokens,
                              entries=args.entries, bins=args.bins, n_boot=args.n_boot, seed=args.seed,
                              dtype=args.dtype, device=args.device, gen_batch_size=args.gen_batch_size,
-                             truncated=args.truncated, question_set=args.question_set, objectives=tuple(args.objective),
+                             truncated=args.truncated, question_set=args.question_set, text=args.text, objectives=tuple(args.objective),
                              selection={"require_finished": False} if args.keep_unfinished else {}, progress=True)
     track(args.train_dirs, settings, args.out, rechoose=args.rechoose)
     return 0

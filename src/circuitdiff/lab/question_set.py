@@ -14,6 +14,9 @@ graded answers of the starting model and of every checkpoint tracked so far:
 5. ``cut``: every checkpoint's answer holds at least T_cut tokens;
 6. draw N: random.Random(seed).sample over the survivors in idx order (all when fewer).
 
+With ``text="start"`` (every checkpoint scored on the START's answers) steps 2, 3 and 5 look at the
+start only: the checkpoints' answers are not scored, so they need not be correct, finished or long.
+
 The set is written to TRACK/start-{key}/question_set.json with the checkpoints it was chosen
 from, and kept until `circuitdiff track --rechoose`. A checkpoint tracked later is measured on
 it as it is: its answers are used correct or not, and a question whose answer is shorter than
@@ -34,13 +37,18 @@ CONVENTION = ("fixed question set: answered correctly (and finished) by the star
               "chosen from; the paper's length rules, T_bar and T_cut on the start's answers; every checkpoint's "
               "answer holds T_cut tokens; N drawn once with the seed; the same questions, T_cut and raw-scale "
               "histogram range at every checkpoint")
+CONVENTION_START = ("fixed question set, every checkpoint scored on the START's answers: answered correctly (and "
+                    "finished) by the start; the paper's length rules, T_bar and T_cut on the start's answers; N drawn "
+                    "once with the seed; the same questions, tokens, T_cut and raw-scale histogram range at every "
+                    "checkpoint")
 
 
-def choose(start: list[dict], checkpoints: dict[str, list[dict]], sel: SelectionSettings) -> dict:
-    """The fixed set from the graded rows of the start and of each checkpoint (label -> rows)."""
+def choose(start: list[dict], checkpoints: dict[str, list[dict]], sel: SelectionSettings, text: str = "own") -> dict:
+    """The fixed set from the graded rows of the start and of each checkpoint (label -> rows); text "start": the
+    checkpoints are scored on the start's answers, so only the start's answers are graded and measured."""
     rows = {label: {r["idx"]: r for r in got} for label, got in checkpoints.items()}
     first = {r["idx"]: r for r in start}
-    everyone = [first, *rows.values()]
+    judged = [first] if text == "start" else [first, *rows.values()]
     counts: dict[str, int] = {}
 
     def check(step: str, survivors: list[int]) -> list[int]:
@@ -51,10 +59,10 @@ def choose(start: list[dict], checkpoints: dict[str, list[dict]], sel: Selection
                             "checkpoints, use more questions (--limit), raise max_new_tokens, or --keep-unfinished")
         return survivors
 
-    q = check("questions", sorted(set.intersection(*(set(r) for r in everyone))))
-    q = check("all_correct", [i for i in q if all(r[i]["correct"] for r in everyone)])
+    q = check("questions", sorted(set.intersection(*(set(r) for r in [first, *rows.values()]))))
+    q = check("all_correct", [i for i in q if all(r[i]["correct"] for r in judged)])
     if sel.require_finished:
-        q = [i for i in q if all(finished(r[i]) for r in everyone)]
+        q = [i for i in q if all(finished(r[i]) for r in judged)]
     q = check("finished", q)
     kept = [first[i] for i in q]
     try:
@@ -63,12 +71,13 @@ def choose(start: list[dict], checkpoints: dict[str, list[dict]], sel: Selection
         raise UserError(f"fixed question set, length rules on the start's answers: {err}") from None
     t_cut = on_start.T_cut
     q = check("length", sorted(on_start.idx))
-    q = check("cut", [i for i in q if all(len(r[i]["answer_ids"]) >= t_cut for r in rows.values())])
+    q = check("cut", [i for i in q if all(len(r[i]["answer_ids"]) >= t_cut for r in judged[1:])])
     drawn = random.Random(sel.seed).sample(q, min(sel.n_samples, len(q)))
     counts["drawn"] = len(drawn)
     chosen = {"idx": drawn, "T_cut": t_cut, "T_bar": on_start.T_bar, "counts": counts,
-              "checkpoints": sorted(checkpoints), "settings": dataclasses.asdict(sel), "convention": CONVENTION}
-    chosen["key"] = settings_key({k: chosen[k] for k in ("idx", "T_cut", "settings")})
+              "checkpoints": sorted(checkpoints), "settings": dataclasses.asdict(sel), "text": text,
+              "convention": CONVENTION_START if text == "start" else CONVENTION}
+    chosen["key"] = settings_key({k: chosen[k] for k in ("idx", "T_cut", "settings")} | ({"text": text} if text != "own" else {}))
     return chosen
 
 

@@ -18,6 +18,7 @@ UNKEYED = {"unkeyed": True}
 ALGORITHMS = ("sft", "grpo", "dpo", "self-distill")
 OVERLONG = ("cap", "soft")
 QUESTION_SETS = ("fixed", "per-checkpoint")
+TRACK_TEXTS = ("own", "start")  # whose answers each checkpoint is scored on
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -99,6 +100,10 @@ class TrackSettings:
     # "per-checkpoint": the selection re-run for each checkpoint against the start (questions, T_cut and
     # ranges then differ from step to step)
     question_set: str = "fixed"
+    # "own": each checkpoint on its own answers (the paper's setting; the fixed set then needs every checkpoint
+    # correct); "start": every checkpoint on the START's answers (same tokens everywhere: only the weights differ;
+    # the fixed set needs the start correct only; fixed question set only)
+    text: str = "own"
     objectives: tuple[str, ...] = ("nll", "logit")
     seed: int = 0
     max_new_tokens: int | None = None  # None: the training run's max_completion_length
@@ -130,6 +135,10 @@ class TrackSettings:
 
         if self.question_set not in QUESTION_SETS:
             raise UserError(f"question_set {self.question_set!r} is unknown; use one of {', '.join(QUESTION_SETS)}")
+        if self.text not in TRACK_TEXTS:
+            raise UserError(f"text {self.text!r} is unknown; use one of {', '.join(TRACK_TEXTS)}")
+        if self.text == "start" and self.question_set != "fixed":
+            raise UserError("text 'start' needs the fixed question set (--question-set fixed)")
         self.objectives = tuple(self.objectives)
         bad = [o for o in self.objectives if o not in OBJECTIVES]
         if bad or not self.objectives or len(set(self.objectives)) != len(self.objectives):
@@ -141,7 +150,14 @@ class TrackSettings:
     def result_settings(self) -> dict:
         """The settings that change a number (every field not marked UNKEYED)."""
         data = asdict(self)
-        return {f.name: data[f.name] for f in fields(self) if not f.metadata.get("unkeyed")}
+        keyed = {f.name: data[f.name] for f in fields(self) if not f.metadata.get("unkeyed")}
+        if keyed["text"] == "own":  # the setting before `text` existed: tracks made then keep their keys
+            del keyed["text"]
+        return keyed
+
+    def scored_text(self) -> str | None:
+        """The answers a checkpoint ("tuned") is scored on: None (its own) or "base" (the start's, copied in)."""
+        return "base" if self.text == "start" else None
 
     def report_settings(self, value_range: str | tuple[float, float] = "shared"):
         """The report's settings for one checkpoint's pair; value_range: the raw-scale histogram range."""

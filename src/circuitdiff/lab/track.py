@@ -76,7 +76,7 @@ def _fixed_set(start: Path, checkpoints: list[Checkpoint], s: TrackSettings, rec
     if path.exists() and not rechoose:
         return io.read_json(path)
     sel = SelectionSettings(alpha=s.alpha, n_samples=s.n_samples, seed=s.seed, **s.selection)
-    chosen = QS.choose(_rows(start, "base", s), {c.name: _rows(c.run, "tuned", s) for c in checkpoints}, sel)
+    chosen = QS.choose(_rows(start, "base", s), {c.name: _rows(c.run, "tuned", s) for c in checkpoints}, sel, s.text)
     io.write_json(path, chosen)
     log(f"track: fixed question set of {start.name}: {len(chosen['idx'])} questions, T_cut={chosen['T_cut']} "
         f"(chosen from the start and {len(checkpoints)} checkpoint(s); counts {chosen['counts']})")
@@ -95,7 +95,8 @@ def _attribute(c: Checkpoint, s: TrackSettings, device: str, qset: dict | None, 
             except UserError as err:
                 return f"no metrics: {err}"
         else:
-            write_selection(c.run, ds, s.alpha, QS.selection_for(qset, _rows(c.run, "tuned", s)))
+            scored = "base" if s.text == "start" else "tuned"  # the start's answers are in the run dir as "base"
+            write_selection(c.run, ds, s.alpha, QS.selection_for(qset, _rows(c.run, scored, s)))
         drawn = len(io.read_json(layout.selection(c.run, ds, s.alpha))["idx"])
         if drawn < s.min_samples:
             return f"no metrics: {_too_few(drawn, s)}"
@@ -104,7 +105,8 @@ def _attribute(c: Checkpoint, s: TrackSettings, device: str, qset: dict | None, 
             if qset is not None:
                 share_attribution(c.start, c.run, ds, s.alpha, objective)
             for role in ("tuned", "base"):
-                attribute.attribute_one(ctx, role, role, dataset, s.alpha, objective)
+                text = "base" if s.text == "start" else role
+                attribute.attribute_one(ctx, role, text, dataset, s.alpha, objective)
     finally:
         ctx.models.release()
     return ""
@@ -141,7 +143,7 @@ def _ranges(start: Path, runs: list[Path], qset: dict, s: TrackSettings, rechoos
     ds, ranges = dataset_key(s), {}
     for objective in s.objectives:
         files = [layout.attribution(start, "base", ds, s.alpha, objective=objective)]
-        files += [layout.attribution(r, "tuned", ds, s.alpha, objective=objective) for r in runs]
+        files += [layout.attribution(r, "tuned", ds, s.alpha, s.scored_text(), objective=objective) for r in runs]
         hi = 0.0
         for f in files:
             if f.exists():

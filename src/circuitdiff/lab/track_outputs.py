@@ -15,7 +15,7 @@ SCALES = ("raw", "unit")
 CSV_COLUMNS = [
     "run", "algorithm", "temperature", "shuffle_rewards", "step", "accuracy", "acc_ci_low", "acc_ci_high", "correct",
     "total", "objective", "scale", "metric", "diff", "diff_ci_low", "diff_ci_high", "base", "tuned", "p_perm",
-    "question_set", "n_samples", "n_set", "n_set_correct", "entries", "bins", "range", "log_base", "alpha",
+    "question_set", "text", "n_samples", "n_set", "n_set_correct", "entries", "bins", "range", "log_base", "alpha",
     "n_requested", "loss", "ci_method", "dataset", "checkpoint", "note",
 ]  # fmt: skip
 
@@ -33,7 +33,7 @@ def rows(out: Path, registry: dict, s, ds: str, starts: dict[str, Path]) -> list
         common = {"run": label, "algorithm": info["algorithm"], "temperature": info["temperature"],
                   "shuffle_rewards": info.get("shuffle_rewards", False), "entries": s.entries, "bins": s.bins,
                   "log_base": s.log_base, "alpha": s.alpha, "n_requested": s.n_samples, "dataset": ds,
-                  "question_set": s.question_set}
+                  "question_set": s.question_set, "text": s.text}
         start = starts[label]
         if layout.generations_meta(start, "base", ds).exists():
             acc = io.read_json(layout.generations_meta(start, "base", ds))["accuracy"]
@@ -126,7 +126,7 @@ def figure(rows: list[dict], s) -> bytes:
         ax.axis("off")
     if runs:
         axes[0].legend(fontsize=6)
-    fig.suptitle(f"{s.dataset} {s.split}: checkpoint − start at alpha={s.alpha}, {s.question_set} question set "
+    fig.suptitle(f"{s.dataset} {s.split}: checkpoint − start at alpha={s.alpha}, {s.question_set} question set, {s.text} answers "
                  f"(entries={s.entries}, {s.bins} bins, paired bootstrap 95% CI)", fontsize=9)
     fig.tight_layout()
     return to_png(fig)
@@ -138,7 +138,7 @@ def describe(label: str, r: dict, s, seconds: float) -> str:
     if r.get("metrics"):
         raw = r["metrics"][s.objectives[0]]["raw"]
         text += f"; {s.objectives[0]}, raw: " + ", ".join(f"Δ{METRIC_LABELS[m]} {v['diff']:+.3g}" for m, v in raw.items())
-        text += f" (n={r['n_samples']}, alpha={s.alpha}, {s.question_set} set)"
+        text += f" (n={r['n_samples']}, alpha={s.alpha}, {s.question_set} set, {s.text} answers)"
     if r.get("note"):
         text += f"; {r['note']}"
     return text + f" [{seconds:.0f}s]"

@@ -165,7 +165,8 @@ def share_attribution(start: Path, run: Path, ds: str, alpha: float, objective: 
 
 
 def attribution_keys(run: Path, ds: str, s: TrackSettings) -> dict:
-    return {f"{role}/{o}": read_key(layout.attribution(run, role, ds, s.alpha, objective=o))
+    return {f"{role}/{o}": read_key(layout.attribution(run, role, ds, s.alpha, s.scored_text() if role == "tuned" else None,
+                                                    objective=o))
             for role in layout.ROLES for o in s.objectives}
 
 
@@ -183,7 +184,7 @@ def metrics(run: Path, s: TrackSettings, ranges: dict | None) -> dict:
             results, _, _ = analyse_run(run, settings)
         except UserError as err:
             return {"metrics": None, "note": f"no metrics: {err}"}
-        (res,) = [r for r in results if math.isclose(r.alpha_value, s.alpha) and (r.objective, r.text) == (objective, "own")]
+        (res,) = [r for r in results if math.isclose(r.alpha_value, s.alpha) and (r.objective, r.text) == (objective, s.scored_text() or "own")]
         per_scale = {}
         for scale in TRACK_SCALES:
             per_scale[scale] = {}
