@@ -73,19 +73,25 @@ SUMMARY = [("nll", "raw", "activation_intensity", "Δ Intensity (nll, raw)"),
            ("nll", "raw", "diversity", "Δ Diversity (nll)")]
 
 
-def summary_table(rows: list[dict]) -> str:
-    """Markdown: per method and checkpoint, accuracy [CI] and the SUMMARY differences [CI] (arrow: CI excludes 0)."""
+def summary_table(rows: list[dict], percent: bool = False, steps: list[str] | None = None) -> str:
+    """Markdown: per method and checkpoint, accuracy [CI] and the SUMMARY differences [CI] (arrow: CI excludes 0);
+    `percent`: differences in % of the start's value; `steps`: only these checkpoint steps."""
     def cell(r: dict) -> str:
         d, lo, hi = (float(r[k]) for k in ("diff", "ci_low", "ci_high"))
         if d != d:
             return "n/a"
         arrow = " ↑" if lo > 0 else " ↓" if hi < 0 else ""
+        if percent:
+            base = abs(float(r["base"]))
+            return f"{100 * d / base:+.1f}% [{100 * lo / base:+.1f}, {100 * hi / base:+.1f}]{arrow}"
         return f"{d:+.3g} [{lo:+.3g}, {hi:+.3g}]{arrow}"
 
     head = "| method | step | accuracy [95% CI] | n | " + " | ".join(label for *_, label in SUMMARY) + " |"
     lines = [head, "|" + "---|" * (4 + len(SUMMARY))]
     index = {(r["method"], r["step"], r["objective"], r["scale"], r["metric"]): r for r in rows}
     for method, step in dict.fromkeys((r["method"], r["step"]) for r in rows if r["step"] != "0"):
+        if steps and step not in steps:
+            continue
         first = index[(method, step, *SUMMARY[0][:3])]
         acc = (f"{100 * float(first['accuracy']):.1f}% [{100 * float(first['acc_ci_low']):.1f}, "
                f"{100 * float(first['acc_ci_high']):.1f}]")
@@ -94,13 +100,38 @@ def summary_table(rows: list[dict]) -> str:
     start = next(r for r in rows if r["step"] == "0")
     lines.append(f"\nstart (step 0): accuracy {100 * float(start['accuracy']):.1f}% "
                  f"[{100 * float(start['acc_ci_low']):.1f}, {100 * float(start['acc_ci_high']):.1f}] "
-                 f"on {start['n_questions']} questions")
+                 f"on {start['n_questions']} questions; metrics on the fixed set, {start.get('text', 'own')} answers, "
+                 f"alpha {start['alpha']}, entries {start['entries']}, {start['bins']} bins"
+                 + ("; differences in % of the start's value" if percent else ""))
+    return "\n".join(lines)
+
+
+def losses(track_dir: Path, step: int) -> str:
+    """Per run at `step`: the mean objective (nll) of the scored answers and the nll raw intensity, as ratios to the
+    start's, from the W files (their `loss` and `scores`)."""
+    import numpy as np
+
+    from circuitdiff.store import layout
+    from circuitdiff.store.artifacts import Attribution
+
+    (start,) = track_dir.glob("start-*")
+    text = json.loads(layout.track_question_set(start).read_text()).get("text", "own")
+    scored = "base" if text == "start" else None
+    base = Attribution.load(layout.attribution(start, "base", "arith", 0.1, objective="nll"))
+    lines = [f"start: mean NLL {np.mean(base.loss):.3f} nats, mean |W| {np.abs(base.scores).mean():.4g} ({text} answers)"]
+    for run in sorted((track_dir / "runs").iterdir()):
+        path = layout.attribution(layout.track_checkpoint(track_dir, run.name, step), "tuned", "arith", 0.1, scored,
+                                  objective="nll")
+        if path.exists():
+            w = Attribution.load(path)
+            lines.append(f"{run.name} step {step}: mean NLL {np.mean(w.loss):.3f} (x{np.mean(w.loss) / np.mean(base.loss):.2f}), "
+                         f"mean |W| x{np.abs(w.scores).mean() / np.abs(base.scores).mean():.2f}")
     return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", help="the study folder (required unless --table)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--save-every", type=int, default=10)
     p.add_argument("--n-boot", type=int, default=2000)
@@ -111,11 +142,19 @@ def main() -> None:
                         "needs only the start correct); own: each on its own answers (the set needs every checkpoint "
                         "correct: 3 questions here)")
     p.add_argument("--table", help="only print the summary table of this study csv")
+    p.add_argument("--losses", help="print each run's mean NLL and nll intensity vs the start's from this track folder")
+    p.add_argument("--percent", action="store_true", help="with --table: differences in % of the start's value")
+    p.add_argument("--table-steps", nargs="+", help="with --table: only these checkpoint steps")
     args = p.parse_args()
+    if args.losses:
+        print(losses(Path(args.losses), int((args.table_steps or ["30"])[0])))
+        return
     if args.table:
         with open(args.table, newline="") as f:
-            print(summary_table(list(csv.DictReader(f))))
+            print(summary_table(list(csv.DictReader(f)), args.percent, args.table_steps))
         return
+    if not args.out:
+        p.error("--out is required (the study folder)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     times_path = out / "times.json"
