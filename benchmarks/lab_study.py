@@ -111,12 +111,13 @@ def losses(track_dir: Path, step: int) -> str:
     start's, from the W files (their `loss` and `scores`)."""
     import numpy as np
 
+    from circuitdiff.lab.settings import TrackSettings
     from circuitdiff.store import layout
     from circuitdiff.store.artifacts import Attribution
 
     (start,) = track_dir.glob("start-*")
     text = json.loads(layout.track_question_set(start).read_text()).get("text", "own")
-    scored = "base" if text == "start" else None
+    scored = TrackSettings(text=text).scored_text()
     base = Attribution.load(layout.attribution(start, "base", "arith", 0.1, objective="nll"))
     lines = [f"start: mean NLL {np.mean(base.loss):.3f} nats, mean |W| {np.abs(base.scores).mean():.4g} ({text} answers)"]
     for run in sorted((track_dir / "runs").iterdir()):

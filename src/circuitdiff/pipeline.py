@@ -49,7 +49,7 @@ class ModelSlot:
         from circuitdiff.models import load_model
 
         model_cfg = getattr(self.config, role)
-        key = (model_cfg.spec, model_cfg.trust_remote_code)
+        key = self._key(role)
         if key != self.key:
             self.release()
             self.loaded = load_model(model_cfg.spec, self.config.dtype, self.config.device,
@@ -60,10 +60,13 @@ class ModelSlot:
             self.on_load(role, self.loaded)
         return self.loaded
 
+    def _key(self, role: str) -> tuple:
+        model_cfg = getattr(self.config, role)
+        return model_cfg.spec, model_cfg.trust_remote_code
+
     def holds(self, role: str) -> bool:
         """Whether `role`'s model is the one in memory now."""
-        model_cfg = getattr(self.config, role)
-        return self.loaded is not None and self.key == (model_cfg.spec, model_cfg.trust_remote_code)
+        return self.loaded is not None and self.key == self._key(role)
 
     def release(self) -> None:
         if self.loaded is None:

@@ -48,7 +48,8 @@ def choose(start: list[dict], checkpoints: dict[str, list[dict]], sel: Selection
     checkpoints are scored on the start's answers, so only the start's answers are graded and measured."""
     rows = {label: {r["idx"]: r for r in got} for label, got in checkpoints.items()}
     first = {r["idx"]: r for r in start}
-    judged = [first] if text == "start" else [first, *rows.values()]
+    measured = [] if text == "start" else list(rows.values())  # checkpoints whose own answers are scored
+    judged = [first, *measured]
     counts: dict[str, int] = {}
 
     def check(step: str, survivors: list[int]) -> list[int]:
@@ -71,7 +72,7 @@ def choose(start: list[dict], checkpoints: dict[str, list[dict]], sel: Selection
         raise UserError(f"fixed question set, length rules on the start's answers: {err}") from None
     t_cut = on_start.T_cut
     q = check("length", sorted(on_start.idx))
-    q = check("cut", [i for i in q if all(len(r[i]["answer_ids"]) >= t_cut for r in judged[1:])])
+    q = check("cut", [i for i in q if all(len(r[i]["answer_ids"]) >= t_cut for r in measured)])
     drawn = random.Random(sel.seed).sample(q, min(sel.n_samples, len(q)))
     counts["drawn"] = len(drawn)
     chosen = {"idx": drawn, "T_cut": t_cut, "T_bar": on_start.T_bar, "counts": counts,

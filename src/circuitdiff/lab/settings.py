@@ -156,7 +156,8 @@ class TrackSettings:
         return keyed
 
     def scored_text(self) -> str | None:
-        """The answers a checkpoint ("tuned") is scored on: None (its own) or "base" (the start's, copied in)."""
+        """The answers every model of a checkpoint's run dir is scored on: None (its own) or "base" (the start's,
+        copied in as the base's answers)."""
         return "base" if self.text == "start" else None
 
     def report_settings(self, value_range: str | tuple[float, float] = "shared"):

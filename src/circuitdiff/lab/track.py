@@ -95,8 +95,7 @@ def _attribute(c: Checkpoint, s: TrackSettings, device: str, qset: dict | None, 
             except UserError as err:
                 return f"no metrics: {err}"
         else:
-            scored = "base" if s.text == "start" else "tuned"  # the start's answers are in the run dir as "base"
-            write_selection(c.run, ds, s.alpha, QS.selection_for(qset, _rows(c.run, scored, s)))
+            write_selection(c.run, ds, s.alpha, QS.selection_for(qset, _rows(c.run, s.scored_text() or "tuned", s)))
         drawn = len(io.read_json(layout.selection(c.run, ds, s.alpha))["idx"])
         if drawn < s.min_samples:
             return f"no metrics: {_too_few(drawn, s)}"
@@ -105,8 +104,7 @@ def _attribute(c: Checkpoint, s: TrackSettings, device: str, qset: dict | None, 
             if qset is not None:
                 share_attribution(c.start, c.run, ds, s.alpha, objective)
             for role in ("tuned", "base"):
-                text = "base" if s.text == "start" else role
-                attribute.attribute_one(ctx, role, text, dataset, s.alpha, objective)
+                attribute.attribute_one(ctx, role, s.scored_text() or role, dataset, s.alpha, objective)
     finally:
         ctx.models.release()
     return ""

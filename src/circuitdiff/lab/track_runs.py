@@ -165,8 +165,7 @@ def share_attribution(start: Path, run: Path, ds: str, alpha: float, objective: 
 
 
 def attribution_keys(run: Path, ds: str, s: TrackSettings) -> dict:
-    return {f"{role}/{o}": read_key(layout.attribution(run, role, ds, s.alpha, s.scored_text() if role == "tuned" else None,
-                                                    objective=o))
+    return {f"{role}/{o}": read_key(layout.attribution(run, role, ds, s.alpha, s.scored_text(), objective=o))
             for role in layout.ROLES for o in s.objectives}
 
 
