@@ -99,7 +99,7 @@ def generate_one(ctx, role: str, ds) -> None:
     ctx.update_manifest("prompt_example", role, value=render(problems[0].question, preset, loaded.tokenizer,
                                                              cfg.instruction))
     if pool is not None:
-        _generate_sharded(ctx, pool, role, ds, problems, prompts, key, rule)
+        _generate_sharded(ctx, pool, role, ds, problems, prompts, existing, key, rule)
         return
     backend = _backend(cfg, role, loaded)
     decode = lambda ids: loaded.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
@@ -109,16 +109,16 @@ def generate_one(ctx, role: str, ds) -> None:
                      progress=ctx.progress, desc=f"generate {role} {ds.key}", truncated_rule=rule)
 
 
-def _generate_sharded(ctx, pool, role: str, ds, problems, prompts, key: str, rule: str) -> None:
-    """The one-process batches of the pending questions, spread over the pool's workers shard by shard; the rows
-    are written in one-process order, in one atomic write, once every shard is done (circuitdiff.parallel)."""
+def _generate_sharded(ctx, pool, role: str, ds, problems, prompts, existing: list[dict], key: str, rule: str) -> None:
+    """The one-process batches of the pending questions (those without a row in `existing`, the repaired file), spread
+    over the pool's workers shard by shard; the rows are written in one-process order, in one atomic write, once every
+    shard is done (circuitdiff.parallel)."""
     from circuitdiff.parallel.plan import batches_by_length, n_shards_for, padded_cost, plan_shards
     from circuitdiff.parallel.pool import Load
     from circuitdiff.parallel.shards import remove, run_sharded
 
     cfg, path = ctx.config, layout.generations(ctx.run, role, ds.key)
     folder = layout.generation_shards(ctx.run, role, ds.key)
-    existing = repair(path, ctx.log)
     done = {r["idx"] for r in existing}
     pending = [(p, ids) for p, ids in zip(problems, prompts) if p.idx not in done]
     lengths = [len(ids) for _, ids in pending]
